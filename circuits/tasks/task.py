@@ -1,0 +1,128 @@
+"""A Task: clean and corrupted tokens, the answers, the positions the metric reads, and the metric."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+class Metric(str, Enum):
+    """How a run's logits become one number. Every metric is a mean over batch and metric positions."""
+
+    LOGIT_DIFF = "logit_diff"
+    """logit[answer] − logit[wrong answer] (higher is better); linear in the logits."""
+    LOGPROB = "logprob"
+    """log-probability of the answer (higher is better)."""
+    KL = "kl"
+    """KL(clean ‖ run) of the next-token distributions (lower is better; 0 on the clean run)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A behaviour to explain: paired clean/corrupted inputs and a scalar metric on the logits.
+
+    Shapes: `clean`, `corrupted` [batch, pos]; `positions` [n] (the positions the metric reads, the same
+    for every row); `answers`, `wrong_answers` [batch, n]. Example:
+    `task.score(model(task.clean))` gives the clean metric.
+    """
+
+    name: str
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"]
+    answers: Int[Tensor, "batch n"]
+    positions: Int[Tensor, " n"]
+    wrong_answers: Int[Tensor, "batch n"] | None = None
+    metric: Metric = Metric.LOGIT_DIFF
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metric", Metric(self.metric))
+        if self.clean.shape != self.corrupted.shape:
+            raise ValueError(
+                f"clean and corrupted must have the same shape; got clean {tuple(self.clean.shape)} "
+                f"and corrupted {tuple(self.corrupted.shape)}"
+            )
+        if self.clean.ndim != 2:
+            raise ValueError(f"clean: expected [batch, pos] tokens, got shape {tuple(self.clean.shape)}")
+        batch, n_pos = self.clean.shape
+        if self.positions.ndim != 1:
+            raise ValueError(f"positions: expected a 1-d tensor, got shape {tuple(self.positions.shape)}")
+        if len(self.positions) and (self.positions.min() < 0 or self.positions.max() >= n_pos):
+            raise ValueError(f"positions must lie in [0, {n_pos}); got {self.positions.tolist()}")
+        expected = (batch, len(self.positions))
+        if tuple(self.answers.shape) != expected:
+            raise ValueError(f"answers: expected shape {expected}, got {tuple(self.answers.shape)}")
+        if self.wrong_answers is not None and tuple(self.wrong_answers.shape) != expected:
+            raise ValueError(f"wrong_answers: expected shape {expected}, got {tuple(self.wrong_answers.shape)}")
+        if self.metric is Metric.LOGIT_DIFF and self.wrong_answers is None:
+            raise ValueError("metric 'logit_diff' needs wrong_answers")
+
+    @property
+    def batch(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.clean.shape[1]
+
+    def with_metric(self, metric: Metric | str) -> Task:
+        """The same data scored by another metric."""
+        return replace(self, metric=Metric(metric))
+
+    def subset(self, rows: slice | Tensor) -> Task:
+        """The task restricted to some rows of the batch."""
+        wrong = None if self.wrong_answers is None else self.wrong_answers[rows]
+        return replace(self, clean=self.clean[rows], corrupted=self.corrupted[rows],
+                       answers=self.answers[rows], wrong_answers=wrong)
+
+    def read_logits(self, logits: Float[Tensor, "*lead batch pos vocab"]) -> Float[Tensor, "*lead batch n vocab"]:
+        """The logits at the metric positions."""
+        return logits[..., self.positions, :]
+
+    def score(
+        self,
+        logits: Float[Tensor, "*lead batch pos vocab"],
+        clean_logits: Float[Tensor, "batch pos vocab"] | None = None,
+    ) -> Float[Tensor, "*lead"]:
+        """The metric of a run: mean over batch and metric positions, keeping any leading dims.
+
+        `clean_logits` is needed for KL only. Example: `task.score(model(task.clean))`
+        """
+        return self.score_positions(self.read_logits(logits), clean_logits)
+
+    def score_positions(
+        self,
+        logits_at: Float[Tensor, "*lead batch n vocab"],
+        clean_logits: Float[Tensor, "batch pos vocab"] | None = None,
+    ) -> Float[Tensor, "*lead"]:
+        """`score` for logits already restricted to the metric positions (see `read_logits`)."""
+        if logits_at.shape[-3:-1] != self.answers.shape:
+            raise ValueError(
+                f"logits: expected [..., {self.batch}, {len(self.positions)}, vocab] at the metric positions, "
+                f"got {tuple(logits_at.shape)}"
+            )
+        if self.metric is Metric.LOGIT_DIFF:
+            diff = _gather(logits_at, self.answers) - _gather(logits_at, self.wrong_answers)
+            return diff.mean(dim=(-1, -2))
+        logprobs = logits_at.log_softmax(-1)
+        if self.metric is Metric.LOGPROB:
+            return _gather(logprobs, self.answers).mean(dim=(-1, -2))
+        if clean_logits is None:
+            raise ValueError("clean_logits: the KL metric needs the clean run's logits")
+        ref = self.read_logits(clean_logits).log_softmax(-1)
+        kl = F.kl_div(logprobs, ref.expand_as(logprobs), log_target=True, reduction="none").sum(-1)
+        return kl.mean(dim=(-1, -2))
+
+
+def _gather(x: Float[Tensor, "*lead batch n vocab"], idx: Int[Tensor, "batch n"]) -> Float[Tensor, "*lead batch n"]:
+    idx = idx.to(x.device).expand(*x.shape[:-1]).unsqueeze(-1)
+    return torch.gather(x, -1, idx).squeeze(-1)
+
+
+def normalise(value: Tensor | float, corrupted: Tensor | float, clean: Tensor | float) -> Tensor | float:
+    """(value − corrupted) / (clean − corrupted): 0 at the corrupted baseline, 1 at the clean one."""
+    return (value - corrupted) / (clean - corrupted)

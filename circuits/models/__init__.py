@@ -7,6 +7,7 @@ from circuits.models.tokenizer import BPETokenizer
 from circuits.models.train import TrainLog, next_token_loss, train
 
 __all__ = [
-    "BPETokenizer", "ModelSpec", "PlantedHeads", "planted_induction", "TrainLog", "attn_only", "build", "has_layernorm", "is_attn_only",
+    "BPETokenizer", "ModelSpec", "PlantedHeads", "planted_induction", "TrainLog", "attn_only", "build",
+    "has_layernorm", "is_attn_only",
     "load", "next_token_loss", "save", "spec_of", "train",
 ]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 Batch = Int[Tensor, "batch pos"] | tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]
-DataSource = Int[Tensor, "n pos"] | Callable[[int, torch.Generator], Batch]
+DataSource = Tensor | Callable[[int, torch.Generator], Batch]  # a [n, pos] token tensor, checked in _sample
 
 
 @dataclass

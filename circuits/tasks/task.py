@@ -32,12 +32,14 @@ class Task:
     """
 
     name: str
-    clean: Int[Tensor, "batch pos"]
-    corrupted: Int[Tensor, "batch pos"]
-    answers: Int[Tensor, "batch n"]
-    positions: Int[Tensor, " n"]
-    wrong_answers: Int[Tensor, "batch n"] | None = None
-    metric: Metric = Metric.LOGIT_DIFF
+    # shapes are validated in __post_init__ (with errors that name both shapes), so the annotations
+    # use jaxtyping's unchecked `_name` dims
+    clean: Int[Tensor, "_batch _pos"]
+    corrupted: Int[Tensor, "_batch _pos"]
+    answers: Int[Tensor, "_batch _n"]
+    positions: Int[Tensor, "..."]
+    wrong_answers: Int[Tensor, "_batch _n"] | None = None
+    metric: Metric | str = Metric.LOGIT_DIFF  # stored as a Metric
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metric", Metric(self.metric))

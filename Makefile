@@ -35,10 +35,10 @@ bench: setup
 		--benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-disable-gc
 
 bench-full: setup
-	$(PY) -m bench.table --out bench/latest.json
+	$(PY) -m bench.table --out bench/latest.json --readme README.md
 
 docs: setup
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 test: lint unit bench docs
 

@@ -1,0 +1,112 @@
+"""Run the benchmark suite and print the table of ratios (reference time / our time) with peak memory.
+
+    python -m bench.table [--short] [--out bench/latest.json] [--readme README.md] [-k EXPR]
+
+Every group in bench/ holds one `ours` and one `reference` benchmark (see bench/conftest.py). The table is
+written as JSON and, with --readme, replaces the block between the README's `<!-- bench:start -->` and
+`<!-- bench:end -->` markers, with the date and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def run_suite(short: bool, select: str | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark-enable",
+               f"--benchmark-json={out}", "--benchmark-warmup=off"]
+        if short:
+            cmd += ["--benchmark-min-rounds=1", "--benchmark-max-time=0.05"]
+        else:
+            cmd += ["--benchmark-min-rounds=3", "--benchmark-max-time=2"]
+        if select:
+            cmd += ["-k", select]
+        env = dict(os.environ, BENCH_FULL="0" if short else "1")
+        subprocess.run(cmd, check=True, env=env)
+        return json.loads(out.read_text())
+
+
+def ratio_table(raw: dict) -> list[dict]:
+    groups: dict[str, dict] = {}
+    for b in raw["benchmarks"]:
+        side = b.get("extra_info", {}).get("side")
+        if side not in ("ours", "reference"):
+            continue
+        groups.setdefault(b["group"] or b["name"], {})[side] = b
+    rows = []
+    for group, sides in sorted(groups.items()):
+        if set(sides) != {"ours", "reference"}:
+            continue
+        ours, ref = sides["ours"], sides["reference"]
+        rows.append({
+            "benchmark": group,
+            "ours_s": ours["stats"]["median"],
+            "reference_s": ref["stats"]["median"],
+            "ratio": ref["stats"]["median"] / ours["stats"]["median"],
+            "ours_peak_mib": ours["extra_info"].get("peak_mb"),
+            "reference_peak_mib": ref["extra_info"].get("peak_mb"),
+            "rounds": [ours["stats"]["rounds"], ref["stats"]["rounds"]],
+            "full_size": bool(ours["extra_info"].get("full")),
+        })
+    return rows
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def markdown(rows: list[dict], machine: str, date: str) -> str:
+    lines = [f"Measured {date} on {machine} (`python -m bench.table --readme README.md`; medians).", "",
+             "| benchmark | ours | reference | ratio (reference / ours) | peak MiB ours / reference |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['benchmark']} | {_seconds(r['ours_s'])} | {_seconds(r['reference_s'])} | "
+                     f"{r['ratio']:.1f}× | {r['ours_peak_mib']} / {r['reference_peak_mib']} |")
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def replace_block(text: str, block: str) -> str:
+    if START not in text or END not in text:
+        raise ValueError(f"README: markers {START} and {END} not found")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--short", action="store_true", help="small shapes, few rounds (CI's mode)")
+    parser.add_argument("--out", type=Path, default=Path("bench/latest.json"))
+    parser.add_argument("--readme", type=Path, help="replace the README's benchmark block")
+    parser.add_argument("-k", dest="select", help="pytest -k expression")
+    args = parser.parse_args(argv)
+    rows = ratio_table(run_suite(args.short, args.select))
+    date = dt.date.today().isoformat()
+    machine = machine_description()
+    args.out.write_text(json.dumps({"date": date, "machine": machine, "rows": rows}, indent=2) + "\n")
+    table = markdown(rows, machine, date)
+    print(table)
+    if args.readme:
+        args.readme.write_text(replace_block(args.readme.read_text(), table))
+
+
+if __name__ == "__main__":
+    main()

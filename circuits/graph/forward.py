@@ -1,0 +1,207 @@
+"""The forward pass of a native transformer_lens bridge, computed from its weights, one node at a time.
+
+The native bridge (`TransformerBridge.boot_native`) exposes no per-head q/k/v input hooks, so edge patching
+computes the forward itself. `NativeWeights.of(model)` reads the bridge's stacked weights (`W_Q, W_K, W_V,
+W_O, b_*, W_E, W_pos, W_U, b_U`, the LayerNorm and MLP parameters) and the pieces here reproduce
+`transformer_lens/model_bridge/sources/native/model.py`: pre-LayerNorm blocks, causal softmax attention with
+scores divided by the model's `attn.scale`, masked entries set to 0 after the softmax, an MLP
+`fc_out(act(fc_in(ln2(x))))`, and `ln_final` then the unembedding. Each head input gets its own LayerNorm
+(the split-q/k/v form): with every edge present all three inputs equal the residual stream, as in the model.
+
+Supported: `normalization_type` "LN" or None, standard positional embeddings, no GQA, no soft-capping,
+ungated MLPs; anything else raises a ValueError naming what is unsupported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import TransformerBridge
+
+
+@dataclass(frozen=True, eq=False)
+class NativeWeights:
+    """The weights of a native bridge, stacked TransformerLens-style. LayerNorm weights are None without LN;
+    MLP weights are None for attention-only models. Example: `w = NativeWeights.of(model); w.W_Q.shape`"""
+
+    W_E: Float[Tensor, "vocab d_model"]
+    W_pos: Float[Tensor, "n_ctx d_model"]
+    W_Q: Float[Tensor, "layer head d_model d_head"]
+    W_K: Float[Tensor, "layer head d_model d_head"]
+    W_V: Float[Tensor, "layer head d_model d_head"]
+    W_O: Float[Tensor, "layer head d_head d_model"]
+    b_Q: Float[Tensor, "layer head d_head"]
+    b_K: Float[Tensor, "layer head d_head"]
+    b_V: Float[Tensor, "layer head d_head"]
+    b_O: Float[Tensor, "layer d_model"]
+    W_U: Float[Tensor, "d_model vocab_out"]
+    b_U: Float[Tensor, " vocab_out"]
+    ln1: tuple[Tensor, Tensor] | None
+    ln2: tuple[Tensor, Tensor] | None
+    ln_final: tuple[Tensor, Tensor] | None
+    W_in: Tensor | None
+    b_in: Tensor | None
+    W_out: Tensor | None
+    b_out: Tensor | None
+    act: Callable[[Tensor], Tensor] | None
+    eps: float
+    attn_scale: float
+    description: str
+
+    @property
+    def n_layers(self) -> int:
+        return self.W_Q.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q.shape[1]
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.W_in is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_E.device
+
+    @classmethod
+    def of(cls, model: TransformerBridge) -> NativeWeights:
+        """Read the weights of a native bridge; raises ValueError for an architecture the engine cannot run."""
+        _check_supported(model)
+        cfg = model.cfg
+        sd = model.state_dict()
+        L = cfg.n_layers
+        with torch.no_grad():
+            def stack(fmt: str) -> Tensor:
+                return torch.stack([sd[fmt.format(layer)] for layer in range(L)]).detach().clone()
+
+            def ln_pair(name: str) -> tuple[Tensor, Tensor] | None:
+                if cfg.normalization_type is None:
+                    return None
+                return stack(f"blocks.{{}}.{name}.weight"), stack(f"blocks.{{}}.{name}.bias")
+
+            mlp = not cfg.attn_only
+            blocks = model.original_model.layers
+            w = dict(
+                W_E=model.W_E.detach().clone(), W_pos=model.W_pos.detach().clone(),
+                W_Q=model.W_Q.detach().clone(), W_K=model.W_K.detach().clone(), W_V=model.W_V.detach().clone(),
+                W_O=model.W_O.detach().clone(), b_Q=model.b_Q.detach().clone(), b_K=model.b_K.detach().clone(),
+                b_V=model.b_V.detach().clone(), b_O=model.b_O.detach().clone(),
+                W_U=model.W_U.detach().clone(), b_U=model.b_U.detach().clone(),
+                ln1=ln_pair("ln1"), ln2=ln_pair("ln2") if mlp else None,
+                ln_final=None if cfg.normalization_type is None
+                else (sd["ln_final.weight"].detach().clone(), sd["ln_final.bias"].detach().clone()),
+                W_in=stack("blocks.{}.mlp.in.weight").transpose(1, 2).contiguous() if mlp else None,
+                b_in=stack("blocks.{}.mlp.in.bias") if mlp else None,
+                W_out=stack("blocks.{}.mlp.out.weight").transpose(1, 2).contiguous() if mlp else None,
+                b_out=stack("blocks.{}.mlp.out.bias") if mlp else None,
+                act=blocks[0].mlp.act if mlp else None,
+                eps=float(cfg.eps),
+                attn_scale=float(blocks[0].attn.scale),
+            )
+        return cls(**w, description=describe(model))
+
+
+def _check_supported(model: TransformerBridge) -> None:
+    cfg = model.cfg
+    if getattr(cfg, "architecture", None) != "TransformerLensNative":
+        raise ValueError(
+            f"model: the edge-patching engine runs native bridges (TransformerBridge.boot_native / circuits.models); "
+            f"got architecture {getattr(cfg, 'architecture', None)!r}"
+        )
+    problems = []
+    if cfg.normalization_type not in (None, "LN"):
+        problems.append(f"normalization_type={cfg.normalization_type!r} (supported: 'LN' or None)")
+    if (getattr(cfg, "positional_embedding_type", "standard") or "standard") != "standard":
+        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
+    if cfg.n_key_value_heads not in (None, cfg.n_heads):
+        problems.append(f"n_key_value_heads={cfg.n_key_value_heads} (grouped-query attention)")
+    if float(cfg.attn_scores_soft_cap) > 0 or float(cfg.output_logits_soft_cap) > 0:
+        problems.append("soft-capping")
+    if getattr(cfg, "gated_mlp", False):
+        problems.append("gated MLPs")
+    if getattr(cfg, "final_rms", False):
+        problems.append("final_rms")
+    if cfg.attention_dir != "causal":
+        problems.append(f"attention_dir={cfg.attention_dir!r}")
+    if not cfg.attn_only and (cfg.act_fn or "").lower() == "solu_ln":
+        problems.append("act_fn='solu_ln'")
+    if problems:
+        raise ValueError("model: the edge-patching engine does not support " + ", ".join(problems))
+
+
+def describe(model: TransformerBridge) -> str:
+    """A short description of a model with a fingerprint of its weights: `attn-only 2L×4H d_model=64 #1a2b3c4d`."""
+    cfg = model.cfg
+    kind = "attn-only" if cfg.attn_only else f"mlp({cfg.act_fn})"
+    return f"{kind} {cfg.n_layers}L×{cfg.n_heads}H d_model={cfg.d_model} #{fingerprint(model)}"
+
+
+def fingerprint(model: TransformerBridge) -> str:
+    """Eight hex digits identifying a model's weights (names, shapes and a strided sample of each tensor)."""
+    h = hashlib.sha1()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().flatten().double().cpu()
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(flat[::step].numpy().tobytes())
+            h.update(flat.sum().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
+def layer_norm(x: Float[Tensor, "*lead d_model"], params: tuple[Tensor, Tensor] | None, eps: float
+               ) -> Float[Tensor, "*lead d_model"]:
+    """The model's LayerNorm (identity when it has none)."""
+    if params is None:
+        return x
+    return F.layer_norm(x, (x.shape[-1],), params[0], params[1], eps)
+
+
+def embed(w: NativeWeights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "2 batch pos d_model"]:
+    """The two embedding sources: `W_E[tokens]` and `W_pos[positions]` (broadcast over the batch)."""
+    tok = w.W_E[tokens.to(w.device)]
+    pos = w.W_pos[: tokens.shape[1]].expand_as(tok)
+    return torch.stack([tok, pos])
+
+
+def attend(
+    w: NativeWeights,
+    layer: int,
+    heads: Int[Tensor, " h"],
+    x_q: Float[Tensor, "*k h batch nq d_model"],
+    x_k: Float[Tensor, "*k h batch pos d_model"],
+    x_v: Float[Tensor, "*k h batch pos d_model"],
+    q_pos: Int[Tensor, " nq"],
+) -> Float[Tensor, "*k h batch nq d_model"]:
+    """The outputs `z @ W_O` of some heads of one layer, each reading its own q, k and v inputs.
+
+    `q_pos` are the positions of the queries in `x_q` (all positions, or the metric positions in the last
+    layer); keys and values cover positions 0..pos-1. Leading dims broadcast (a `*k` of 1 shares an input).
+    """
+    ln = None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer])
+    bq, bk, bv = (b[layer, heads][:, None, None, :] for b in (w.b_Q, w.b_K, w.b_V))
+    q = layer_norm(x_q, ln, w.eps) @ w.W_Q[layer, heads][:, None] + bq
+    k = layer_norm(x_k, ln, w.eps) @ w.W_K[layer, heads][:, None] + bk
+    v = layer_norm(x_v, ln, w.eps) @ w.W_V[layer, heads][:, None] + bv
+    scores = q @ k.transpose(-1, -2) / w.attn_scale
+    masked = torch.arange(x_k.shape[-2], device=q.device)[None, :] > q_pos.to(q.device)[:, None]
+    pattern = scores.masked_fill(masked, float("-inf")).softmax(-1).masked_fill(masked, 0.0)
+    return (pattern @ v) @ w.W_O[layer, heads][:, None]
+
+
+def mlp(w: NativeWeights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
+    """An MLP's output `act(ln2(x) @ W_in + b_in) @ W_out` (without `b_out`, a constant of the residual stream)."""
+    ln = None if w.ln2 is None else (w.ln2[0][layer], w.ln2[1][layer])
+    return w.act(layer_norm(x, ln, w.eps) @ w.W_in[layer] + w.b_in[layer]) @ w.W_out[layer]
+
+
+def unembed(w: NativeWeights, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab_out"]:
+    """Final LayerNorm and unembedding."""
+    return layer_norm(x, w.ln_final, w.eps) @ w.W_U + w.b_U

@@ -1,0 +1,208 @@
+"""Q-, K- and V-composition scores of every pair of heads, computed through small per-head factors, with a baseline.
+
+Score (A Mathematical Framework for Transformer Circuits): ‖W_A·W_B‖_F / (‖W_A‖_F ‖W_B‖_F), W_A = W_V·W_O of the
+earlier head a, and W_B = W_Q·W_Kᵀ (Q), W_K·W_Qᵀ (K) or W_V·W_O (V) of the later head b, exactly as
+transformer_lens's `TransformerBridge.all_composition_scores` defines them.
+
+How it is computed: every matrix is a product X·Y of a [d_model, d_head] and a [d_head, d_model] factor.
+Because ‖Q·M‖_F = ‖M‖_F for Q with orthonormal columns, a thin QR of the outer factors (W_V = Q·R for the
+earlier head, Yᵀ = Q'·R' for the later one) reduces the norms to those of R·W_O [k, d_model] and X·R'ᵀ
+[d_model, k], k = min(d_head, d_model); R is the triangular square root of the factor's d_head×d_head
+Gram matrix (RᵀR = WᵀW). All pairs then come from one [earlier heads·k, d_model] × [d_model, heads·k]
+product per later layer, whose k×k blocks are summed in squares. No d_model×d_model matrix is formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import einops
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from transformer_lens import TransformerBridge
+
+from circuits.results import LabelledResult, head_labels, head_name, layer_labels
+from circuits.weights._common import check_choice, read_weights, require_attention, stacked
+
+Kind = Literal["Q", "K", "V"]
+KINDS: tuple[str, ...] = ("Q", "K", "V")
+
+
+@dataclass(frozen=True)
+class CompositionBaseline:
+    """Mean and standard deviation of the composition score of random matrices of the heads' shapes.
+
+    Measured (not derived): `n_samples` independent pairs of products X·Y with Gaussian i.i.d. factors of
+    shapes [d_model, d_head]·[d_head, d_model] on both sides, drawn from `torch.Generator().manual_seed(seed)`.
+    The same baseline serves Q, K and V (all three are such products on both sides).
+    """
+
+    mean: float
+    std: float
+    n_samples: int
+    seed: int
+    d_model: int
+    d_head: int
+
+
+@dataclass(frozen=True, eq=False)
+class CompositionScores(LabelledResult):
+    """Composition scores [layer_a, head_a, layer_b, head_b] (earlier head a → later head b).
+
+    `values` (alias `scores`) is 0 where layer_a ≥ layer_b, as in transformer_lens; `mask` marks the
+    defined pairs. `zscores` = (score − baseline.mean) / baseline.std on defined pairs, 0 elsewhere.
+    """
+
+    kind: str = "K"
+    baseline: CompositionBaseline | None = None
+    zscores: Tensor | None = None
+    mask: Tensor | None = None
+    fold_layernorm: bool = True
+
+    @property
+    def scores(self) -> Float[Tensor, "layer_a head_a layer_b head_b"]:
+        return self.values
+
+    def top_pairs(self, k: int = 5, *, by: Literal["score", "zscore"] = "score") -> list[tuple[str, str, float]]:
+        """The k defined pairs with the largest score (or z-score): ("L0H2", "L1H1", value)."""
+        check_choice("by", by, ("score", "zscore"))
+        source = self.values if by == "score" else self.zscores
+        flat = torch.where(self.mask, source, torch.full_like(source, -torch.inf)).flatten()
+        n_defined = int(self.mask.sum())
+        out = []
+        for i in flat.argsort(descending=True)[: min(k, n_defined)].tolist():
+            la, ha, lb, hb = (int(j) for j in torch.unravel_index(torch.tensor(i), self.values.shape))
+            out.append((head_name(la, ha), head_name(lb, hb), float(flat[i])))
+        return out
+
+
+def _thin_r(W: Float[Tensor, "*batch d_model d_head"]) -> Float[Tensor, "*batch k d_head"]:
+    """R of the thin QR W = Q·R: RᵀR = WᵀW, so ‖W·M‖_F = ‖R·M‖_F for every M."""
+    return torch.linalg.qr(W, mode="r").R
+
+
+def _left_factor(W_V: Tensor, W_O: Tensor) -> Float[Tensor, "*batch k d_model"]:
+    """Ã = R_V·W_O with ‖Ã·M‖_F = ‖W_V·W_O·M‖_F for every M (the earlier head's OV circuit)."""
+    return _thin_r(W_V) @ W_O
+
+
+def _right_factor(X: Tensor, Y: Tensor) -> Float[Tensor, "*batch d_model k"]:
+    """B̃ = X·R'ᵀ (R' of Yᵀ) with ‖M·B̃‖_F = ‖M·X·Y‖_F for every M (the later head's circuit)."""
+    return X @ _thin_r(Y.transpose(-2, -1)).transpose(-2, -1)
+
+
+def _right_factors(model: TransformerBridge, kind: str, fold_layernorm: bool) -> Float[Tensor, "layer head d_model k"]:
+    if kind == "V":
+        return _right_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O"))
+    W_Q = read_weights(model, "W_Q", fold_layernorm)
+    W_K = read_weights(model, "W_K", fold_layernorm)
+    if kind == "Q":
+        return _right_factor(W_Q, W_K.transpose(-2, -1))
+    return _right_factor(W_K, W_Q.transpose(-2, -1))
+
+
+def _pair_scores(
+    left: Float[Tensor, "layer head k d_model"], right: Float[Tensor, "layer head d_model k2"]
+) -> Float[Tensor, "layer head layer head"]:
+    """‖Ã_a·B̃_b‖ / (‖Ã_a‖ ‖B̃_b‖) for layer_a < layer_b, 0 elsewhere; one matmul per later layer."""
+    L, H, k, _ = left.shape
+    scores = left.new_zeros(L, H, L, H)
+    left_norm = left.pow(2).sum((-2, -1)).sqrt()
+    right_norm = right.pow(2).sum((-2, -1)).sqrt()
+    for lb in range(1, L):
+        a = einops.rearrange(left[:lb], "la ha k m -> (la ha k) m")
+        b = einops.rearrange(right[lb], "hb m k2 -> m (hb k2)")
+        blocks = einops.rearrange(a @ b, "(la ha k) (hb k2) -> la ha hb k k2", la=lb, ha=H, hb=H)
+        numer = blocks.pow(2).sum((-2, -1)).sqrt()
+        scores[:lb, :, lb, :] = numer / left_norm[:lb, :, None] / right_norm[lb][None, None, :]
+    return scores
+
+
+def pair_mask(n_layers: int, n_heads: int, device: torch.device | str | None = None) -> Bool[Tensor, "la ha lb hb"]:
+    """True where layer_a < layer_b (the pairs whose composition is defined)."""
+    layers = torch.arange(n_layers, device=device)
+    return (layers[:, None, None, None] < layers[None, None, :, None]).expand(n_layers, n_heads, n_layers, n_heads)
+
+
+@lru_cache(maxsize=32)
+def composition_baseline(d_model: int, d_head: int, n_samples: int = 256, seed: int = 0) -> CompositionBaseline:
+    """The composition score of random Gaussian matrices of the heads' shapes: mean and std over `n_samples` pairs.
+
+    Pure function of its arguments (cached). Example: `composition_baseline(768, 64).mean`
+    """
+    if n_samples < 2:
+        raise ValueError(f"n_samples must be at least 2 (a std needs two samples), got {n_samples}")
+    gen = torch.Generator().manual_seed(seed)
+    V, X = (torch.randn(n_samples, d_model, d_head, generator=gen) for _ in range(2))
+    O, Y = (torch.randn(n_samples, d_head, d_model, generator=gen) for _ in range(2))
+    left, right = _left_factor(V, O), _right_factor(X, Y)
+    numer = (left @ right).pow(2).sum((-2, -1)).sqrt()
+    s = numer / left.pow(2).sum((-2, -1)).sqrt() / right.pow(2).sum((-2, -1)).sqrt()
+    return CompositionBaseline(float(s.mean()), float(s.std()), n_samples, seed, d_model, d_head)
+
+
+def composition_scores(
+    model: TransformerBridge,
+    kind: Kind,
+    *,
+    fold_layernorm: bool = True,
+    baseline_samples: int = 256,
+    seed: int = 0,
+) -> CompositionScores:
+    """Composition scores of `kind` ("Q", "K" or "V") for every head pair, [layer_a, head_a, layer_b, head_b].
+
+    `fold_layernorm=True` (the default) folds each reading head's ln1 centring and weight into its W_Q, W_K,
+    W_V (as `process_weights(fold_ln=True)` would), so the scores describe the matrices the model applies;
+    `fold_layernorm=False` uses the raw weights and equals `model.all_composition_scores(kind)` of
+    transformer_lens. The baseline (see `composition_baseline`) is measured with `baseline_samples`
+    random pairs from `seed`. Example: `composition_scores(model, "K").top_pairs(3)`
+    """
+    check_choice("kind", kind, KINDS)
+    require_attention(model, "composition_scores")
+    with torch.no_grad():
+        W_V = read_weights(model, "W_V", fold_layernorm)
+        left = _left_factor(W_V, stacked(model, "W_O"))
+        scores = _pair_scores(left, _right_factors(model, kind, fold_layernorm))
+    return _result(model, kind, scores, fold_layernorm, baseline_samples, seed)
+
+
+def all_composition_scores(
+    model: TransformerBridge, *, fold_layernorm: bool = True, baseline_samples: int = 256, seed: int = 0
+) -> dict[str, CompositionScores]:
+    """`composition_scores` for "Q", "K" and "V" at once, sharing the earlier heads' factors.
+
+    Same arguments and defaults as `composition_scores`. Example: `all_composition_scores(model)["V"].scores`
+    """
+    require_attention(model, "all_composition_scores")
+    with torch.no_grad():
+        left = _left_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O"))
+        scores = {kind: _pair_scores(left, _right_factors(model, kind, fold_layernorm)) for kind in KINDS}
+    return {kind: _result(model, kind, s, fold_layernorm, baseline_samples, seed) for kind, s in scores.items()}
+
+
+def _result(
+    model: TransformerBridge, kind: str, scores: Tensor, fold_layernorm: bool, baseline_samples: int, seed: int
+) -> CompositionScores:
+    L, H = scores.shape[:2]
+    base = composition_baseline(int(model.cfg.d_model), int(model.cfg.d_head), baseline_samples, seed)
+    mask = pair_mask(L, H, scores.device)
+    z = torch.where(mask, (scores - base.mean) / base.std, torch.zeros_like(scores))
+    return CompositionScores(
+        values=scores,
+        dims=("layer_a", "head_a", "layer_b", "head_b"),
+        labels=(layer_labels(L), head_labels(H), layer_labels(L), head_labels(H)),
+        method=f"composition_scores[{kind}]",
+        info=dict(kind=kind, fold_layernorm=fold_layernorm, baseline_mean=base.mean, baseline_std=base.std),
+        kind=kind,
+        baseline=base,
+        zscores=z,
+        mask=mask,
+        fold_layernorm=fold_layernorm,
+    )
+
+
+__all__ = ["KINDS", "CompositionBaseline", "CompositionScores", "all_composition_scores", "composition_baseline",
+           "composition_scores", "pair_mask"]

@@ -1,0 +1,167 @@
+"""viz.report: one standalone HTML file (plotly.js once), checked in headless Chromium.
+
+The browser test opens the report of a small analysis of the planted model, asserts that no JavaScript error
+reached the console, that every figure div was rendered by Plotly, and writes a screenshot to
+out/viz-test/screenshot.png for a person to look at. It is skipped, saying why, only when no Chromium is
+installed (CI's `.ci/run` installs Debian's `chromium`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from plotly.offline import get_plotlyjs
+from test_viz_figures import composition_stand_in, direct_logit_attribution, previous_token_scores
+
+import viz
+from viz.report import plot_div_count
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT_DIR = ROOT / "out" / "viz-test"
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on PATH (Debian: apt-get install "
+                                    "chromium; .ci/run installs it)")
+
+# Injected at the top of <head> of a copy of the report: records uncaught errors, rejected promises and
+# console.error calls, then (after load) writes them and the count of rendered plots into the DOM.
+PROBE = """<script>
+window.__probe = [];
+window.addEventListener("error", e => window.__probe.push("error: " + e.message));
+window.addEventListener("unhandledrejection", e => window.__probe.push("rejection: " + e.reason));
+(function () { const ce = console.error; console.error = function (...a) {
+  window.__probe.push("console.error: " + a.join(" ")); ce.apply(console, a); }; })();
+window.addEventListener("load", () => setTimeout(() => {
+  const out = document.createElement("pre"); out.id = "__probe";
+  out.textContent = JSON.stringify({errors: window.__probe,
+    rendered: document.querySelectorAll(".js-plotly-plot").length,
+    svgs: document.querySelectorAll(".js-plotly-plot .main-svg").length,
+    tables: document.querySelectorAll(".js-plotly-plot .table").length});
+  document.body.appendChild(out); }, 500));
+</script>"""
+
+
+def small_analysis(model) -> list[viz.Section]:
+    from circuits.tasks.induction import induction_task
+
+    task = induction_task(4, 8, 32, seed=3)
+    _, cache = model.run_with_cache(task.clean)
+    tokens = [f"t{i}" for i in task.clean[0].tolist()]
+    prev = previous_token_scores(cache, 2)
+    with torch.no_grad():
+        ind = model.planted.induction
+        full_ov = model.W_E @ model.OV[ind] @ model.W_U
+    vocab = [f"t{i}" for i in range(model.cfg.d_vocab)]
+    n = torch.arange(1, 7)
+    return [
+        viz.Section("Attention", "Layer 1's heads on a repeated sequence.\n\nThe induction head looks one token "
+                    "after the earlier copy.", [viz.draw_attention(cache["blocks.1.attn.hook_pattern"][0], tokens,
+                                                                    heads=["L1H0", "L1H1", "L1H2"])]),
+        viz.Section("Previous-token attention", "Per layer, head and position.", [viz.draw_result(prev)]),
+        viz.Section("Direct logit attribution", "Signed: red raises the answer.",
+                    [viz.draw_dla(direct_logit_attribution(model, cache, task))]),
+        viz.Section("Composition", "Scores against their baseline.",
+                    [viz.draw_composition({k: composition_stand_in(model, k) for k in "QKV"})]),
+        viz.Section("OV circuit of the induction head", "Top pairs and spectrum.",
+                    [viz.draw_top_pairs(full_ov, vocab, vocab, k=8), viz.draw_eigenvalues({"L1H1": full_ov})]),
+        viz.Section("Curves <script>alert(1)</script>", "Escaped & plain.",
+                    [viz.draw_faithfulness({"a": (n, n / 6), "b": (n, (n / 6) ** 0.5)}),
+                     viz.draw_roc({"a": (torch.tensor([0, 0, 0.5, 1.0]), torch.tensor([0, 1.0, 1.0, 1.0]))})]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def analysis(planted):
+    return small_analysis(planted)
+
+
+N_FIGURES = 8
+
+
+def test_report_embeds_plotlyjs_once_and_every_figure(analysis, tmp_path):
+    path = viz.report(analysis, tmp_path / "nested" / "report.html", title="Planted induction", subtitle="A test.")
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count(get_plotlyjs()[:200]) == 1  # the library, embedded once
+    assert "cdn.plot.ly" not in page and "https://" not in re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.S)
+    assert plot_div_count(page) == N_FIGURES == sum(len(s.figures) for s in analysis)
+    for i in range(N_FIGURES):
+        assert f'id="figure-{i}"' in page
+    assert "<h1>Planted induction</h1>" in page and "<p>A test.</p>" in page
+    assert page.count("<h2>") == len(analysis)
+    assert "<p>Layer 1&#x27;s heads on a repeated sequence.</p><p>The induction head" in page  # paragraphs
+    assert "Curves &lt;script&gt;alert(1)&lt;/script&gt;" in page and "Escaped &amp; plain." in page
+    assert path.stat().st_size < 15 * 2**20
+
+
+def test_report_rejects_what_is_not_a_figure(tmp_path, analysis):
+    with pytest.raises(ValueError, match=r"sections\[0\]\.figures\[0\]: expected a plotly Figure"):
+        viz.report([("t", "x", ["not a figure"])], tmp_path / "r.html")
+    with pytest.raises(ValueError, match=r"sections\[1\]"):
+        viz.report([analysis[0], 3], tmp_path / "r.html")
+    ok = viz.report([{"title": "t", "text": "x", "figures": analysis[1].figures}], tmp_path / "r.html")
+    assert plot_div_count(ok.read_text()) == 1
+
+
+def chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """Run headless Chromium once (no sandbox: CI runs as root)."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           "--disable-extensions", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def console_errors(stderr: str) -> list[str]:
+    """Console lines Chromium logged for the page that report an error."""
+    lines = [ln for ln in stderr.splitlines() if ":CONSOLE" in ln]
+    return [ln for ln in lines if re.search(r"Uncaught|Error|error", ln)]
+
+
+def probe(page: Path, tmp: Path) -> tuple[dict, list[str]]:
+    """Open a copy of `page` with the error probe injected; return the probe's findings and console errors."""
+    text = page.read_text(encoding="utf-8")
+    probed = tmp / f"probed-{page.name}"
+    probed.write_text(text.replace("<head>", "<head>" + PROBE, 1) if "<head>" in text else PROBE + text,
+                      encoding="utf-8")
+    run = chromium("--dump-dom", probed.as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = re.search(r'<pre id="__probe">(.*?)</pre>', run.stdout, flags=re.S)
+    assert found, "the probe did not report: the page did not finish loading within the time budget"
+    return json.loads(found.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")), \
+        console_errors(run.stderr)
+
+
+@needs_chromium
+def test_the_probe_catches_javascript_errors(tmp_path):
+    """Negative control: a page with a broken script must be reported, or the browser test proves nothing."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><head></head><body><script>console.error("boom");'
+                   "undefined_function();</script></body></html>")
+    found, console = probe(bad, tmp_path)
+    assert any("boom" in e for e in found["errors"])
+    assert any("undefined_function" in e for e in found["errors"])
+    assert any("undefined_function" in ln for ln in console)
+
+
+@needs_chromium
+def test_report_renders_in_headless_chromium(analysis, tmp_path):
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    path = viz.report(analysis, SCREENSHOT_DIR / "report.html", title="Planted induction: viz browser test")
+    found, console = probe(path, tmp_path)
+    assert found["errors"] == [], found["errors"]
+    assert console == [], console
+    assert found["rendered"] == N_FIGURES  # every figure div was drawn by Plotly
+    assert found["svgs"] >= N_FIGURES
+    assert found["tables"] == 1  # the top-pairs table
+    # the unmodified page as a reader opens it: no console errors, and a screenshot to look at
+    shot = SCREENSHOT_DIR / "screenshot.png"
+    shot.unlink(missing_ok=True)
+    run = chromium(f"--screenshot={shot}", "--window-size=1500,5200", path.as_uri())
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert console_errors(run.stderr) == []
+    assert shot.stat().st_size > 50_000  # a blank page is a few KB
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

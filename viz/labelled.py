@@ -1,0 +1,231 @@
+"""Figures for any `LabelledResult`: a bar chart for one axis, a heatmap for two, facets of heatmaps for three.
+
+Every axis is titled with the result's dim name and ticked with its labels (layer, head, position and token
+strings), placed at integer positions so that repeated token strings stay separate columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from circuits.results import LabelledResult
+from viz.theme import NEGATIVE, NEUTRAL, POSITIVE, TEMPLATE, as_coloraxis, colour_args, is_signed
+
+DESCRIBED_INFO = ("site", "metric", "direction", "ablation", "normalised", "by", "kind")
+"""The `info` keys that a figure's title states, in this order, when the result has them."""
+
+
+def as_array(values: Any) -> np.ndarray:
+    """A result's values as a float64 numpy array (exact for float32 and float64 tensors)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu()
+        if values.is_complex():
+            return values.numpy()
+        return values.double().numpy()
+    return np.asarray(values, dtype=float)
+
+
+def ticks(labels: Sequence[str], title: str) -> dict[str, Any]:
+    """Axis settings that put `labels[i]` at i and title the axis."""
+    return {"title": {"text": title}, "tickmode": "array", "tickvals": list(range(len(labels))),
+            "ticktext": [str(t) for t in labels]}
+
+
+def describe(result: LabelledResult, extra: Sequence[str] = ()) -> str:
+    """A one-line title: the method and the `info` entries that say how it was computed.
+
+    Example: `describe(r)` → "activation_patch · site=z · metric=logit_diff · direction=denoising"
+    """
+    parts = [result.method]
+    for key in (*DESCRIBED_INFO, *extra):
+        value = result.info.get(key)
+        if isinstance(value, Enum):
+            value = value.value
+        if isinstance(value, (str, int, float)):
+            parts.append(f"{key}={_short(value)}")
+    return " · ".join(parts)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def heatmap(
+    z: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    row_dim: str,
+    col_dim: str,
+    signed: bool | None = None,
+    coloraxis: str | None = None,
+    name: str = "",
+    value_name: str = "value",
+    colour: dict[str, Any] | None = None,
+) -> go.Heatmap:
+    """One heatmap trace: rows `row_labels` (y), columns `col_labels` (x), hover naming both and the value.
+
+    With `coloraxis` the colour scale comes from the layout (shared across facets); otherwise it is set here:
+    `colour` (colour arguments such as `probability_colour()`) or else `colour_args(z, signed)`.
+    """
+    if z.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(f"z: expected shape {(len(row_labels), len(col_labels))}, got {z.shape}")
+    rows = np.asarray(row_labels, dtype=object)[:, None].repeat(len(col_labels), axis=1)
+    cols = np.asarray(col_labels, dtype=object)[None, :].repeat(len(row_labels), axis=0)
+    custom = np.stack([rows, cols], axis=-1)
+    trace = go.Heatmap(
+        z=z,
+        x=np.arange(len(col_labels)),
+        y=np.arange(len(row_labels)),
+        customdata=custom,
+        name=name,
+        hovertemplate=f"{row_dim}: %{{customdata[0]}}<br>{col_dim}: %{{customdata[1]}}<br>"
+        f"{value_name}: %{{z:.4g}}<extra>{name}</extra>",
+    )
+    if coloraxis is not None:
+        trace.coloraxis = coloraxis
+    else:
+        trace.update(**(colour if colour is not None else colour_args(z, signed)))
+    return trace
+
+
+def draw_heatmap(
+    z: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    row_dim: str,
+    col_dim: str,
+    title: str,
+    signed: bool | None = None,
+    value_name: str = "value",
+    colour: dict[str, Any] | None = None,
+) -> go.Figure:
+    """A titled single-heatmap figure, row 0 at the top. Example: `draw_heatmap(z, ["L0"], ["H0"], ...)`"""
+    fig = go.Figure(heatmap(z, row_labels, col_labels, row_dim=row_dim, col_dim=col_dim, signed=signed,
+                            value_name=value_name, colour=colour))
+    fig.data[0].colorbar = {"title": {"text": value_name}}
+    fig.update_layout(template=TEMPLATE, title={"text": title},
+                      xaxis=ticks(col_labels, col_dim), yaxis={**ticks(row_labels, row_dim), "autorange": "reversed"})
+    _size_heatmap(fig, len(row_labels), len(col_labels))
+    return fig
+
+
+def draw_bar(
+    values: np.ndarray,
+    labels: Sequence[str],
+    *,
+    dim: str,
+    title: str,
+    signed: bool | None = None,
+    value_name: str = "value",
+) -> go.Figure:
+    """Bars at each label; coloured red/blue by sign when the data is signed."""
+    values = np.asarray(values, dtype=float)
+    if signed is None:
+        signed = is_signed(values)
+    colours = [POSITIVE if v >= 0 else NEGATIVE for v in values] if signed else NEUTRAL
+    fig = go.Figure(go.Bar(
+        x=np.arange(len(labels)), y=values, marker_color=colours, customdata=np.asarray(labels, dtype=object),
+        hovertemplate=f"{dim}: %{{customdata}}<br>{value_name}: %{{y:.4g}}<extra></extra>",
+    ))
+    fig.update_layout(template=TEMPLATE, title={"text": title}, xaxis=ticks(labels, dim),
+                      yaxis={"title": {"text": value_name}, "zeroline": True, "zerolinecolor": "#666666"})
+    return fig
+
+
+def draw_result(
+    result: LabelledResult,
+    *,
+    title: str | None = None,
+    signed: bool | None = None,
+    facet_dim: int = 0,
+    facet_cols: int = 4,
+    value_name: str = "value",
+) -> go.Figure:
+    """The default figure of any `LabelledResult`, chosen by its number of axes.
+
+    1 axis: bar chart; 2 axes: heatmap (rows = first axis); 3 axes: one heatmap per index of axis
+    `facet_dim`, sharing one colour scale; 4 axes (pairs such as [layer, head, layer, head]): a heatmap of
+    (axis 0, axis 1) pairs against (axis 2, axis 3) pairs. `signed=None` picks the diverging scale when any
+    value is negative. Example: `draw_result(activation_patch(model, task, "z"))`
+    """
+    title = describe(result) if title is None else title
+    z = as_array(result.values)
+    if np.iscomplexobj(z):
+        raise ValueError("result: complex values cannot be drawn as a heatmap; draw .real or .abs() instead")
+    if z.ndim == 1:
+        return draw_bar(z, result.labels[0], dim=result.dims[0], title=title, signed=signed, value_name=value_name)
+    if z.ndim == 2:
+        return draw_heatmap(z, result.labels[0], result.labels[1], row_dim=result.dims[0], col_dim=result.dims[1],
+                            title=title, signed=signed, value_name=value_name)
+    if z.ndim == 3:
+        return draw_facets(z, result.dims, result.labels, facet_dim=facet_dim, title=title, signed=signed,
+                           facet_cols=facet_cols, value_name=value_name)
+    if z.ndim == 4:
+        rows, cols = pair_labels(result.labels[0], result.labels[1]), pair_labels(result.labels[2], result.labels[3])
+        return draw_heatmap(z.reshape(len(rows), len(cols)), rows, cols,
+                            row_dim=f"{result.dims[0]}·{result.dims[1]}", col_dim=f"{result.dims[2]}·{result.dims[3]}",
+                            title=title, signed=signed, value_name=value_name)
+    raise ValueError(f"result: can draw 1 to 4 axes, got {z.ndim} (dims {result.dims}); select or reduce axes first")
+
+
+def pair_labels(outer: Sequence[str], inner: Sequence[str]) -> list[str]:
+    """Labels of a flattened (outer, inner) axis: "L0"+"H1" → "L0H1", others joined with ":"."""
+    joiner = "" if all(o.startswith("L") for o in outer) and all(i.startswith("H") for i in inner) else ":"
+    return [f"{o}{joiner}{i}" for o in outer for i in inner]
+
+
+def draw_facets(
+    z: np.ndarray,
+    dims: Sequence[str],
+    labels: Sequence[Sequence[str]],
+    *,
+    facet_dim: int = 0,
+    title: str,
+    signed: bool | None = None,
+    facet_cols: int = 4,
+    value_name: str = "value",
+    colour: dict[str, Any] | None = None,
+) -> go.Figure:
+    """One heatmap per index of axis `facet_dim` of a 3-axis array, on a grid, with one shared colour scale."""
+    if z.ndim != 3:
+        raise ValueError(f"z: expected 3 axes, got shape {z.shape}")
+    if not -3 <= facet_dim < 3:
+        raise ValueError(f"facet_dim must be an axis of a 3-axis result (0, 1 or 2), got {facet_dim}")
+    facet_dim %= 3
+    rest = [a for a in range(3) if a != facet_dim]
+    z = np.moveaxis(z, facet_dim, 0)
+    n = z.shape[0]
+    n_cols = min(n, facet_cols)
+    n_rows = math.ceil(n / n_cols)
+    facet_labels = [f"{dims[facet_dim]} {lab}" for lab in labels[facet_dim]]
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=facet_labels, horizontal_spacing=0.06,
+                        vertical_spacing=min(0.12, 0.3 / n_rows))
+    row_dim, col_dim = dims[rest[0]], dims[rest[1]]
+    for i in range(n):
+        r, c = divmod(i, n_cols)
+        fig.add_trace(heatmap(z[i], labels[rest[0]], labels[rest[1]], row_dim=row_dim, col_dim=col_dim,
+                              coloraxis="coloraxis", name=facet_labels[i], value_name=value_name),
+                      row=r + 1, col=c + 1)
+        fig.update_xaxes(ticks(labels[rest[1]], col_dim if r == n_rows - 1 else ""), row=r + 1, col=c + 1)
+        fig.update_yaxes({**ticks(labels[rest[0]], row_dim if c == 0 else ""), "autorange": "reversed"},
+                         row=r + 1, col=c + 1)
+    scale = as_coloraxis(colour if colour is not None else colour_args(z, signed))
+    fig.update_layout(template=TEMPLATE, title={"text": title},
+                      coloraxis={**scale, "colorbar": {"title": {"text": value_name}}},
+                      height=max(350, 60 + n_rows * (40 + 18 * z.shape[1])), width=max(700, 260 * n_cols))
+    return fig
+
+
+def _size_heatmap(fig: go.Figure, n_rows: int, n_cols: int) -> None:
+    """Cells of a readable size: at least 300 px high, about 22 px a row up to 1200 px."""
+    fig.update_layout(height=int(min(1200, max(320, 140 + 22 * n_rows))),
+                      width=int(min(1400, max(480, 220 + 28 * n_cols))))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import einops
 import numpy as np
 import plotly.graph_objects as go
@@ -14,6 +11,7 @@ import torch
 import viz
 from circuits.results import LabelledResult, head_labels, layer_labels, position_labels
 from circuits.tasks.induction import induction_task
+from circuits.weights.composition import all_composition_scores, composition_scores
 from viz.composition import valid_pairs
 from viz.curves import roc_auc
 from viz.theme import DIVERGING, PROBABILITY, SEQUENTIAL
@@ -185,54 +183,49 @@ def test_dla_bars_and_heatmap_equal_the_result(planted, run):
 # ---------------------------------------------------------------- composition scores
 
 
-@dataclass(frozen=True, eq=False)
-class CompositionStandIn(LabelledResult):
-    """The shape of the weights helper's result: scores, baseline with spread, z-scores."""
-
-    baseline: float = 0.0
-    baseline_std: float = 1.0
-    zscores: Any = field(default=None)
-
-    @property
-    def scores(self):
-        return self.values
-
-
-def composition_stand_in(model, kind: str) -> CompositionStandIn:
-    scores = model.all_composition_scores(kind).detach()  # transformer_lens's own [l1, h1, l2, h2]
-    n_layers, n_heads = scores.shape[:2]
-    mask = torch.as_tensor(valid_pairs(n_layers, n_heads)).reshape(scores.shape)
-    baseline, spread = float(scores[mask].median()), float(scores[mask].std())
-    return CompositionStandIn(scores, ("layer", "head", "layer", "head"),
-                              (layer_labels(n_layers), head_labels(n_heads)) * 2, "composition_scores",
-                              {"kind": kind}, baseline, spread, (scores - baseline) / spread)
-
-
 def test_composition_panels_equal_the_scores_on_valid_pairs(planted):
-    results = {k: composition_stand_in(planted, k) for k in "QKV"}
+    results = all_composition_scores(planted)
     fig = viz.draw_composition(results)
     heatmaps = [t for t in fig.data if isinstance(t, go.Heatmap)]
     assert len(heatmaps) == 6  # per kind: scores, then z-scores
-    mask = valid_pairs(2, 3)
-    assert mask.sum() == 9
+    # rows: layer-0 heads (writers); columns: layer-1 heads (readers); every pair valid for 2 layers
+    assert valid_pairs(2, 3)[:3, 3:].all() and not valid_pairs(2, 3)[3:, :].any()
     for i, kind in enumerate("QKV"):
-        scores = results[kind].values.double().reshape(6, 6).numpy()
         score_map, z_map = heatmaps[2 * i], heatmaps[2 * i + 1]
-        np.testing.assert_array_equal(score_map.z[mask], scores[mask])
-        assert np.isnan(score_map.z[~mask]).all()
-        z = results[kind].zscores.double().reshape(6, 6).numpy()
-        np.testing.assert_array_equal(z_map.z[mask], z[mask])
-        heads = [f"L{layer}H{h}" for layer in range(2) for h in range(3)]
-        assert list(score_map.customdata[:, 0, 0]) == heads and list(score_map.customdata[0, :, 1]) == heads
-        # the baseline is marked on the score colour bar and as a line on the histogram
-        assert f"baseline {results[kind].baseline:.3g}" in score_map.colorbar.ticktext
+        np.testing.assert_array_equal(score_map.z, results[kind].values[0, :, 1, :].double().numpy())
+        np.testing.assert_array_equal(z_map.z, results[kind].zscores[0, :, 1, :].double().numpy())
+        assert list(score_map.customdata[:, 0, 0]) == ["L0H0", "L0H1", "L0H2"]
+        assert list(score_map.customdata[0, :, 1]) == ["L1H0", "L1H1", "L1H2"]
+        assert list(fig.layout[f"yaxis{i + 1 if i else ''}"].ticktext) == ["L0H0", "L0H1", "L0H2"]
+        # the baseline is marked on the score colour bar, in the histogram's title, and as a line on it
+        base = results[kind].baseline
+        ticks = dict(zip(score_map.colorbar.tickvals, score_map.colorbar.ticktext))
+        assert ticks[base.mean] == "baseline"
+        assert any(f"{kind}-composition: scores vs baseline {base.mean:.3g} ± {base.std:.2g}" == a.text
+                   for a in fig.layout.annotations)
     lines = [s for s in fig.layout.shapes if s.type == "line"]
-    assert sorted(round(s.x0, 9) for s in lines) == sorted(round(results[k].baseline, 9) for k in "QKV")
+    assert [s.x0 for s in lines] == [results[k].baseline.mean for k in "QKV"]
+    bands = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert [(s.x0, s.x1) for s in bands] == [(results[k].baseline.mean - results[k].baseline.std,
+                                              results[k].baseline.mean + results[k].baseline.std) for k in "QKV"]
     assert fig.layout.coloraxis.cmid == 0
     # the planted K-composition (previous-token head → induction head) is the top pair
-    k_scores = heatmaps[2].z
-    (prev_l, prev_h), (ind_l, ind_h) = planted.planted.previous_token, planted.planted.induction
-    assert np.nanargmax(k_scores) == np.ravel_multi_index((prev_l * 3 + prev_h, ind_l * 3 + ind_h), (6, 6))
+    (_, prev_h), (_, ind_h) = planted.planted.previous_token, planted.planted.induction
+    assert np.nanargmax(heatmaps[2].z) == np.ravel_multi_index((prev_h, ind_h), (3, 3))
+
+
+def test_composition_of_a_three_layer_model_blanks_pairs_out_of_order():
+    from circuits.models import attn_only
+
+    model = attn_only(3, 16, 2, 4, d_vocab=10, n_ctx=8, seed=4)
+    result = composition_scores(model, "K", baseline_samples=32)
+    fig = viz.draw_composition(result)
+    score_map = fig.data[0]
+    full = result.values.double().reshape(6, 6).numpy()[:4, 2:]  # writers L0, L1; readers L1, L2
+    mask = valid_pairs(3, 2)[:4, 2:]
+    assert (~mask).sum() == 4  # L1 → L1 pairs
+    np.testing.assert_array_equal(score_map.z[mask], full[mask])
+    assert np.isnan(score_map.z[~mask]).all()
 
 
 # ---------------------------------------------------------------- QK / OV circuits
@@ -267,9 +260,9 @@ def test_top_pairs_match_brute_force_on_the_planted_ov_circuit(planted):
 
 def test_eigenvalue_spectrum_and_copying_score(planted):
     ind = planted.planted.induction
-    prev = planted.planted.previous_token
+    inert = planted.planted.inert[0]
     with torch.no_grad():
-        circuits = {f"L{a}H{h}": planted.W_E @ planted.OV[a, h] @ planted.W_U for a, h in (ind, prev)}
+        circuits = {f"L{a}H{h}": planted.W_E @ planted.OV[a, h] @ planted.W_U for a, h in (ind, inert)}
     fig = viz.draw_eigenvalues(circuits)
     assert len(fig.data) == 2
     for trace, (name, fm) in zip(fig.data, circuits.items()):
@@ -279,7 +272,7 @@ def test_eigenvalue_spectrum_and_copying_score(planted):
         dense = np.linalg.eigvals(fm.AB.double().numpy())
         expected = dense.sum().real / np.abs(dense).sum()
         assert trace.name == f"{name} (copying {expected:.3f})"
-    # the planted induction head copies: score 1; the previous-token head writes a subspace W_U does not read
+    # the planted induction head copies: score 1
     assert viz.copying_score(circuits["L1H1"].eigenvalues) == pytest.approx(1.0, abs=1e-6)
     assert fig.layout.yaxis.scaleanchor == "x"
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from plotly.offline import get_plotlyjs
-from test_viz_figures import composition_stand_in, direct_logit_attribution, previous_token_scores
+from test_viz_figures import direct_logit_attribution, previous_token_scores
 
 import viz
+from circuits.weights.composition import all_composition_scores
 from viz.report import plot_div_count
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def small_analysis(model) -> list[viz.Section]:
         viz.Section("Direct logit attribution", "Signed: red raises the answer.",
                     [viz.draw_dla(direct_logit_attribution(model, cache, task))]),
         viz.Section("Composition", "Scores against their baseline.",
-                    [viz.draw_composition({k: composition_stand_in(model, k) for k in "QKV"})]),
+                    [viz.draw_composition(all_composition_scores(model))]),
         viz.Section("OV circuit of the induction head", "Top pairs and spectrum.",
                     [viz.draw_top_pairs(full_ov, vocab, vocab, k=8), viz.draw_eigenvalues({"L1H1": full_ov})]),
         viz.Section("Curves <script>alert(1)</script>", "Escaped & plain.",
@@ -88,7 +89,8 @@ def test_report_embeds_plotlyjs_once_and_every_figure(analysis, tmp_path):
     page = path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
     assert page.count(get_plotlyjs()[:200]) == 1  # the library, embedded once
-    assert "cdn.plot.ly" not in page and "https://" not in re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.S)
+    assert "<script src" not in page  # nothing loaded from elsewhere: the file works offline
+    assert "https://" not in re.sub(r"<script[^>]*>.*?</script>", "", page, flags=re.S)
     assert plot_div_count(page) == N_FIGURES == sum(len(s.figures) for s in analysis)
     for i in range(N_FIGURES):
         assert f'id="figure-{i}"' in page

@@ -19,10 +19,12 @@ def draw_composition(results: Mapping[str, Any] | Any, *, title: str = "composit
     `results` is one composition-score result or a mapping {"Q": ..., "K": ..., "V": ...} of them. Each
     result has scores [layer, head, layer, head] (`.scores`, else `.values`; earlier head first), a
     `.baseline` (the expected score of random matrices of the same shapes; a number, or a tensor broadcast
-    against the scores) with its spread in `.baseline_std` or `info["baseline_std"]` when known, and
+    against the scores, or a record with `.mean` and `.std`) with its spread in `.baseline_std` or
+    `info["baseline_std"]` when known, and
     `.zscores` when known. Rows: the scores (sequential scale; the colour bar's tick "baseline" marks the
     baseline), the z-scores (diverging, centred at 0), and the distribution of the scores with the baseline
-    (and ±1 spread) drawn as a line and band. Pairs whose earlier head is not in an earlier layer are blank.
+    (and ±1 spread) drawn as a line and band. Heatmap rows are the heads of layers 0..L−2 (writers), columns
+    those of layers 1..L−1 (readers); pairs not in increasing layer order are blank (NaN).
     Example: `draw_composition({k: composition_scores(model, k) for k in "QKV"})`
     """
     if not isinstance(results, Mapping):
@@ -35,9 +37,9 @@ def draw_composition(results: Mapping[str, Any] | Any, *, title: str = "composit
     subplot_titles = [f"{t}: score" for t in titles]
     if has_z:
         subplot_titles += [f"{t}: z-score" for t in titles]
-    subplot_titles += [f"{t}: distribution vs baseline" for t in titles]
-    fig = make_subplots(rows=rows, cols=len(kinds), subplot_titles=subplot_titles, vertical_spacing=0.08,
-                        horizontal_spacing=0.1, row_heights=[0.4, 0.4, 0.2] if has_z else [0.65, 0.35])
+    subplot_titles += [f"{t}: scores vs {_baseline_text(p)}" for t, p in zip(titles, panels)]
+    fig = make_subplots(rows=rows, cols=len(kinds), subplot_titles=subplot_titles, vertical_spacing=0.12,
+                        horizontal_spacing=0.16, row_heights=[0.38, 0.38, 0.24] if has_z else [0.6, 0.4])
     for c, (kind, p) in enumerate(zip(kinds, panels), start=1):
         _add_score_panel(fig, p, kind, row=1, col=c)
         if has_z and p["z"] is not None:
@@ -72,25 +74,33 @@ def _get(obj: Any, name: str, *, default: Any = ...) -> Any:
 def _panel(result: Any) -> dict[str, Any]:
     """The flattened, masked [earlier head, later head] scores of one kind, with its baseline and z-scores."""
     scores = as_array(result.scores if hasattr(result, "scores") else result.values)
-    if scores.ndim != 4:
-        raise ValueError(f"scores: expected [layer, head, layer, head], got shape {scores.shape}")
+    if scores.ndim != 4 or scores.shape[:2] != scores.shape[2:] or scores.shape[0] < 2:
+        raise ValueError(f"scores: expected [layer, head, layer, head] with at least 2 layers, got {scores.shape}")
     n_layers, n_heads = scores.shape[:2]
     labels = getattr(result, "labels", None)
     layer_names = labels[0] if labels else [f"L{i}" for i in range(n_layers)]
     head_names = labels[1] if labels else [f"H{i}" for i in range(n_heads)]
     names = pair_labels(layer_names, head_names)
-    valid = valid_pairs(n_layers, n_heads)
-    flat = scores.reshape(len(names), len(names))
-    baseline = as_array(_get(result, "baseline"))
+    # rows: heads with a later layer to write to; columns: heads with an earlier layer to read from
+    n_rows = (n_layers - 1) * n_heads
+    rows, cols = slice(0, n_rows), slice(n_heads, n_layers * n_heads)
+    valid_full = valid_pairs(n_layers, n_heads)
+    valid = valid_full[rows, cols]
+    flat = scores.reshape(len(names), len(names))[rows, cols]
+    baseline = _get(result, "baseline")
     spread = _get(result, "baseline_std", default=None)
+    if hasattr(baseline, "mean") and hasattr(baseline, "std") and not hasattr(baseline, "shape"):
+        baseline, spread = baseline.mean, baseline.std  # a baseline record (mean and spread of random scores)
+    baseline = as_array(baseline)
     z = _get(result, "zscores", default=None)
-    z = None if z is None else np.where(valid, as_array(z).reshape(flat.shape), np.nan)
+    z = None if z is None else np.where(valid, as_array(z).reshape(len(names), len(names))[rows, cols], np.nan)
+    base_flat = np.broadcast_to(baseline, scores.shape).reshape(len(names), len(names))[rows, cols]
     return {
         "scores": np.where(valid, flat, np.nan),
-        "rows": names,
-        "cols": names,
+        "rows": names[rows],
+        "cols": names[cols],
         "valid": valid,
-        "baseline": float(np.mean(np.broadcast_to(baseline, scores.shape).reshape(flat.shape)[valid])),
+        "baseline": float(np.mean(base_flat[valid])),
         "spread": None if spread is None else float(np.mean(as_array(spread))),
         "z": z,
     }
@@ -102,9 +112,9 @@ def valid_pairs(n_layers: int, n_heads: int) -> np.ndarray:
     return layer[:, None] < layer[None, :]
 
 
-def _pair_axes(fig: go.Figure, p: dict[str, Any], *, row: int, col: int) -> None:
-    fig.update_xaxes(ticks(p["cols"], "later head"), row=row, col=col)
-    fig.update_yaxes({**ticks(p["rows"], "earlier head"), "autorange": "reversed"}, row=row, col=col)
+def _pair_axes(fig: go.Figure, p: dict[str, Any], *, row: int, col: int, x_title: bool = True) -> None:
+    fig.update_xaxes(ticks(p["cols"], "later head" if x_title else "", max_ticks=30), row=row, col=col)
+    fig.update_yaxes({**ticks(p["rows"], "earlier head", max_ticks=30), "autorange": "reversed"}, row=row, col=col)
 
 
 def _add_score_panel(fig: go.Figure, p: dict[str, Any], kind: str, *, row: int, col: int) -> None:
@@ -117,10 +127,14 @@ def _add_score_panel(fig: go.Figure, p: dict[str, Any], kind: str, *, row: int, 
               "colorbar": {"title": {"text": "score"}, "x": x_end + 0.005, "xanchor": "left", "len": y1 - y0,
                            "y": (y0 + y1) / 2, "thickness": 10,
                            "tickvals": [0.0, base, max(top, base)],
-                           "ticktext": ["0", f"baseline {base:.3g}", f"{max(top, base):.3g}"]}}
+                           "ticktext": ["0", "baseline", f"{max(top, base):.3g}"]}}
     fig.add_trace(heatmap(p["scores"], p["rows"], p["cols"], row_dim="earlier head", col_dim="later head",
                           name=kind, value_name="score", colour=colour), row=row, col=col)
-    _pair_axes(fig, p, row=row, col=col)
+    _pair_axes(fig, p, row=row, col=col, x_title=False)
+
+
+def _baseline_text(p: dict[str, Any]) -> str:
+    return f"baseline {p['baseline']:.3g}" + (f" ± {p['spread']:.2g}" if p["spread"] is not None else "")
 
 
 def _add_distribution(fig: go.Figure, p: dict[str, Any], kind: str, *, row: int, col: int) -> None:
@@ -131,8 +145,6 @@ def _add_distribution(fig: go.Figure, p: dict[str, Any], kind: str, *, row: int,
     if spread is not None:
         fig.add_vrect(x0=base - spread, x1=base + spread, fillcolor=BASELINE, opacity=0.15, line_width=0,
                       row=row, col=col)
-    label = f"baseline {base:.3g}" + (f" ± {spread:.2g}" if spread is not None else "")
-    fig.add_vline(x=base, line={"color": BASELINE, "dash": "dash", "width": 2}, annotation_text=label,
-                  annotation_position="top right", row=row, col=col)
+    fig.add_vline(x=base, line={"color": BASELINE, "dash": "dash", "width": 2}, row=row, col=col)
     fig.update_xaxes(title={"text": "score"}, row=row, col=col)
     fig.update_yaxes(title={"text": "pairs"}, row=row, col=col)

@@ -32,10 +32,15 @@ def as_array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=float)
 
 
-def ticks(labels: Sequence[str], title: str) -> dict[str, Any]:
-    """Axis settings that put `labels[i]` at i and title the axis."""
-    return {"title": {"text": title}, "tickmode": "array", "tickvals": list(range(len(labels))),
-            "ticktext": [str(t) for t in labels]}
+def ticks(labels: Sequence[str], title: str, max_ticks: int = 60) -> dict[str, Any]:
+    """Axis settings that put `labels[i]` at i and title the axis.
+
+    Beyond `max_ticks` labels only every k-th is written (hover still names every cell).
+    """
+    step = max(1, math.ceil(len(labels) / max_ticks))
+    shown = range(0, len(labels), step)
+    return {"title": {"text": title}, "tickmode": "array", "tickvals": list(shown),
+            "ticktext": [str(labels[i]) for i in shown]}
 
 
 def describe(result: LabelledResult, extra: Sequence[str] = ()) -> str:
@@ -221,7 +226,8 @@ def draw_facets(
     scale = as_coloraxis(colour if colour is not None else colour_args(z, signed))
     fig.update_layout(template=TEMPLATE, title={"text": title},
                       coloraxis={**scale, "colorbar": {"title": {"text": value_name}}},
-                      height=max(350, 60 + n_rows * (40 + 18 * z.shape[1])), width=max(700, 260 * n_cols))
+                      height=int(90 + n_rows * _clamp(70 + 20 * z.shape[1], 200, 520)),
+                      width=int(170 + n_cols * _clamp(80 + 20 * z.shape[2], 240, 560)))
     return fig
 
 
@@ -229,3 +235,7 @@ def _size_heatmap(fig: go.Figure, n_rows: int, n_cols: int) -> None:
     """Cells of a readable size: at least 300 px high, about 22 px a row up to 1200 px."""
     fig.update_layout(height=int(min(1200, max(320, 140 + 22 * n_rows))),
                       width=int(min(1400, max(480, 220 + 28 * n_cols))))
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(hi, max(lo, x))

@@ -111,7 +111,7 @@ class EdgePatcher:
             self.clean_inputs = clean.inputs[0]
             self.clean_logits = clean.logits[0]
             self.clean_logits_full = unembed(self.weights, self.clean_inputs[-1])
-            self.ablated = self._ablated_sources(task)
+            self.ablated = self._ablated_sources(task).expand_as(self.clean_sources).contiguous()
 
     @property
     def n_layers(self) -> int:
@@ -122,6 +122,7 @@ class EdgePatcher:
         return embed(self.weights, tokens)[None]
 
     def _ablated_sources(self, task: Task) -> Float[Tensor, "n_src _b pos d_model"]:
+        """The value each source carries when its edge is removed (broadcast over the batch by the caller)."""
         if self.ablation is Ablation.ZERO:
             return torch.zeros_like(self.clean_sources[:, :1])
         if self.ablation is Ablation.MEAN:
@@ -159,7 +160,7 @@ class EdgePatcher:
         blocks = [emb]
         inputs = []
         for stage, bias in zip(self.stages, self.biases):
-            sources = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+            sources = blocks[0] if len(blocks) == 1 else _cat_sources(blocks)
             x = self._stage_input(sources, stage, bias, masks)
             if keep:
                 inputs.append(x)
@@ -172,10 +173,7 @@ class EdgePatcher:
                 blocks.append(mlp(w, stage.layer, x))
             else:
                 logits = unembed(w, x[:, 0][..., self.positions, :])
-        k = logits.shape[0]
-        sources = None
-        if keep:
-            sources = torch.cat([b.expand(k, *b.shape[1:]) for b in blocks], dim=1)
+        sources = _cat_sources(blocks) if keep else None
         return Run(logits, sources, tuple(inputs) if keep else None)
 
     def _stage_input(
@@ -185,15 +183,18 @@ class EdgePatcher:
         bias: Float[Tensor, " d_model"],
         masks: Bool[Tensor, "_km n_src n_dst"] | None,
     ) -> Float[Tensor, "k n_dst_stage batch pos d_model"]:
-        """x_d = Σ_s out_s + bias − Σ_s (1 − m[s, d]) (out_s − abl_s) for the stage's destinations."""
+        """x_d = bias + Σ_s m[s, d] out_s + Σ_s (1 − m[s, d]) abl_s for the stage's destinations.
+
+        Each term is summed as it is (no `clean − Σ removed (clean − abl)`), so a destination that keeps few
+        edges is not the small difference of large sums that its LayerNorm would then amplify.
+        """
         n_dst = stage.dst.stop - stage.dst.start
-        resid = sources.sum(1) + bias
         if masks is None:
+            resid = sources.sum(1) + bias
             return resid[:, None].expand(-1, n_dst, *resid.shape[1:])
-        removed = (~masks[:, : stage.n_below, stage.dst]).to(resid.dtype).transpose(1, 2)  # [k, n_dst, n_below]
-        diff = (sources - self.ablated[: stage.n_below]).flatten(2)  # [k, n_below, batch·pos·d]
-        patch = (removed @ diff).unflatten(2, resid.shape[1:])
-        return resid[:, None] - patch
+        kept = masks[:, : stage.n_below, stage.dst].to(sources.dtype).transpose(1, 2)  # [k, n_dst, n_below]
+        x = kept @ sources.flatten(2) + (1 - kept) @ self.ablated[: stage.n_below].flatten(1)
+        return x.unflatten(2, sources.shape[2:]) + bias
 
     def run(self, masks: Bool[Tensor, "k n_src n_dst"], *, tokens: Int[Tensor, "batch pos"] | None = None
             ) -> Float[Tensor, "k batch n vocab"]:
@@ -235,80 +236,99 @@ class EdgePatcher:
         d), which is `columns[i]` in circuit i.
 
         Only what those edges can change is recomputed: d's node, then every node reached from it along
-        the circuit's kept edges; a removed edge carries the ablated value, which no candidate changes.
-        Equal (to float rounding) to `run` on the full masks.
+        the circuit's kept edges (a removed edge carries the ablated value, which no candidate changes), and
+        in the last layer only at the metric positions. Equal (to float rounding) to `run` on the full masks.
         """
-        g, w = self.graph, self.weights
+        w = self.weights
         with torch.no_grad():
-            stage_index = next(i for i, s in enumerate(self.stages) if s.dst.start <= d < s.dst.stop)
-            n_below = self.stages[stage_index].n_below
-            delta_m = state.mask[:n_below, d].to(state.sources.dtype) - columns[:, :n_below].to(state.sources.dtype)
-            diff = (state.sources[:n_below] - self.ablated[:n_below]).expand(n_below, *state.sources.shape[1:])
-            extra = {d: -(delta_m @ diff.flatten(1)).unflatten(1, diff.shape[1:])}
-            changed: dict[int, Tensor] = {}  # source index -> change of its output [k, batch, P, d_model]
-            for stage in self.stages[stage_index:]:
-                restrict = stage.layer >= self.n_layers - 1  # the last layer is needed at the metric positions only
+            first = next(i for i, s in enumerate(self.stages) if s.dst.start <= d < s.dst.stop)
+            nb = self.stages[first].n_below
+            kept = columns[:, :nb].to(state.sources.dtype)
+            seed = kept @ state.sources[:nb].flatten(1) + (1 - kept) @ self.ablated[:nb].expand(
+                nb, *state.sources.shape[1:]).flatten(1)
+            seed = _Value(seed.unflatten(1, state.sources.shape[1:]) + self.biases[first], restricted=False)
+            changed: dict[int, _Value] = {}  # source index -> its new output in each candidate
+            for i, stage in enumerate(self.stages[first:], start=first):
+                restrict = stage.layer >= self.n_layers - 1  # the last layer matters at the metric positions only
                 if stage.kind is NodeKind.LOGITS:
-                    delta = self._input_delta(state, g.n_destinations - 1, changed, extra, restrict=True)
-                    if delta is None:
+                    x = self._new_input(state, i, stage.dst.start, changed, seed, d, restrict=True)
+                    if x is None:
                         return state.logits.expand(columns.shape[0], *state.logits.shape)
-                    return unembed(w, state.inputs[-1][..., self.positions, :] + delta)
+                    return unembed(w, x)
                 if stage.kind is NodeKind.MLP:
-                    delta = self._input_delta(state, stage.dst.start, changed, extra, restrict=restrict)
-                    if delta is not None:
-                        x = self._at(state.inputs[stage.dst.start], restrict) + delta
-                        changed[stage.out.start] = mlp(w, stage.layer, x) - self._at(
-                            state.sources[stage.out.start], restrict)
+                    x = self._new_input(state, i, stage.dst.start, changed, seed, d, restrict=restrict)
+                    if x is not None:
+                        changed[stage.out.start] = _Value(mlp(w, stage.layer, x), restrict)
                     continue
-                self._attention_stage(state, stage, changed, extra, restrict)
+                self._attention_stage(state, i, changed, seed, d, restrict)
         raise AssertionError("unreachable: the last stage is the logits")
 
-    def _attention_stage(self, state: CircuitState, stage: _Stage, changed: dict[int, Tensor],
-                         extra: dict[int, Tensor], restrict: bool) -> None:
-        """Recompute the heads of one layer whose q, k or v input changed; record their output change."""
-        H = self.graph.n_heads
+    def _attention_stage(self, state: CircuitState, i: int, changed: dict[int, _Value], seed: _Value,
+                         d: int, restrict: bool) -> None:
+        """Recompute the heads of one layer whose q, k or v input changed; record their new outputs.
+        In the last layer (`restrict`) queries are computed at the metric positions only."""
+        stage, H = self.stages[i], self.graph.n_heads
         heads, qkv_inputs = [], []
         for h in range(H):
-            dsts = [stage.dst.start + i * H + h for i in range(3)]
-            deltas = [self._input_delta(state, dd, changed, extra, restrict=restrict and i == 0)
-                      for i, dd in enumerate(dsts)]
-            if all(delta is None for delta in deltas):
+            dsts = [stage.dst.start + j * H + h for j in range(3)]
+            xs = [self._new_input(state, i, dd, changed, seed, d, restrict=restrict and j == 0)
+                  for j, dd in enumerate(dsts)]
+            if all(x is None for x in xs):
                 continue
             heads.append(h)
-            xs = []
-            for i, (dd, delta) in enumerate(zip(dsts, deltas)):
-                base = self._at(state.inputs[dd], restrict and i == 0)[None]
-                xs.append(base if delta is None else base + delta)
-            qkv_inputs.append(xs)
+            qkv_inputs.append([self._at(state.inputs[dd], restrict and j == 0)[None] if x is None else x
+                               for j, (dd, x) in enumerate(zip(dsts, xs))])
         if not heads:
             return
         k = max(x.shape[0] for xs in qkv_inputs for x in xs)
-        stacked = [torch.stack([xs[i].expand(k, *xs[i].shape[1:]) for xs in qkv_inputs], dim=1) for i in range(3)]
+        stacked = [torch.stack([xs[j].expand(k, *xs[j].shape[1:]) for xs in qkv_inputs], dim=1) for j in range(3)]
         q_pos = self.positions if restrict else torch.arange(state.inputs.shape[-2], device=self.device)
-        head_idx = torch.tensor(heads, device=self.device)
-        out = attend(self.weights, stage.layer, head_idx, *stacked, q_pos)
+        out = attend(self.weights, stage.layer, torch.tensor(heads, device=self.device), *stacked, q_pos)
         for j, h in enumerate(heads):
-            s = stage.out.start + h
-            changed[s] = out[:, j] - self._at(state.sources[s], restrict)
+            changed[stage.out.start + h] = _Value(out[:, j], restrict)
 
     def _at(self, x: Float[Tensor, "*lead pos d_model"], restrict: bool) -> Float[Tensor, "*lead p d_model"]:
+        """x at the metric positions when `restrict`, else x."""
         return x[..., self.positions, :] if restrict else x
 
-    def _input_delta(self, state: CircuitState, d: int, changed: dict[int, Tensor], extra: dict[int, Tensor],
-                     *, restrict: bool) -> Tensor | None:
-        """The change of destination d's input: Σ over changed sources with a kept edge into d."""
-        total = None
-        n_pos = len(self.positions)
-        terms = [extra[d]] if d in extra else []
-        terms += [delta for s, delta in changed.items() if state.mask[s, d]]
-        for delta in terms:
-            if restrict and delta.shape[-2] != n_pos or (delta.shape[-2] == n_pos and not restrict
-                                                         and n_pos != state.inputs.shape[-2]):
-                if not restrict:
-                    raise AssertionError("a last-layer source feeds a destination needed at every position")
-                delta = delta[..., self.positions, :]
-            total = delta if total is None else total + delta
-        return total
+    def _new_input(self, state: CircuitState, i: int, dst: int, changed: dict[int, _Value], seed: _Value, d: int,
+                   *, restrict: bool) -> Tensor | None:
+        """Destination dst's input in each candidate, or None when no candidate changes it (at the metric
+        positions when `restrict`). Recomputed as a sum of its terms, like `_stage_input`."""
+        if dst == d:
+            return self._at(seed.value, restrict)
+        fed = [s for s in changed if state.mask[s, dst]]
+        if not fed:
+            return None
+        nb = self.stages[i].n_below
+        kept = state.mask[:nb, dst].to(state.sources.dtype)
+        unchanged = kept.clone()
+        unchanged[fed] = 0.0
+        sources = self._at(state.sources[:nb], restrict)
+        ablated = self._at(self.ablated[:nb], restrict).expand(nb, *sources.shape[1:])
+        x = (unchanged @ sources.flatten(1) + (1 - kept) @ ablated.flatten(1)).unflatten(0, sources.shape[1:])
+        x = x + self.biases[i]
+        for s in fed:
+            value = changed[s]
+            if value.restricted and not restrict:
+                raise AssertionError("a last-layer source feeds a destination needed at every position")
+            x = x + (self._at(value.value, True) if restrict and not value.restricted else value.value)
+        return x
+
+
+@dataclass(frozen=True, eq=False)
+class _Value:
+    """A source's output (or a destination's input) in each of k candidates; `restricted` when it is given at
+    the metric positions only."""
+
+    value: Tensor
+    restricted: bool
+
+
+def _cat_sources(blocks: list[Tensor]) -> Tensor:
+    """Concatenate source blocks [k_i, n_i, ...] along the source axis, broadcasting the leading axis."""
+    k = max(b.shape[0] for b in blocks)
+    return torch.cat([b.expand(k, *b.shape[1:]) for b in blocks], dim=1)
 
 
 def _ablation(ablation: Ablation | str) -> Ablation:

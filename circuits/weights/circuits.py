@@ -68,8 +68,8 @@ def full_qk_circuit(
     layer: int,
     head: int,
     *,
-    query: Side = "token",
-    key: Side = "token",
+    query: str = "token",
+    key: str = "token",
     fold_layernorm: bool = True,
 ) -> FactoredMatrix:
     """The QK circuit read through the embeddings: X_q·W_Q·W_Kᵀ·X_kᵀ / scale, [n_query, n_key].

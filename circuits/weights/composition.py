@@ -66,7 +66,7 @@ class CompositionScores(LabelledResult):
     def scores(self) -> Float[Tensor, "layer_a head_a layer_b head_b"]:
         return self.values
 
-    def top_pairs(self, k: int = 5, *, by: Literal["score", "zscore"] = "score") -> list[tuple[str, str, float]]:
+    def top_pairs(self, k: int = 5, *, by: str = "score") -> list[tuple[str, str, float]]:
         """The k defined pairs with the largest score (or z-score): ("L0H2", "L1H1", value)."""
         check_choice("by", by, ("score", "zscore"))
         source = self.values if by == "score" else self.zscores
@@ -146,7 +146,7 @@ def composition_baseline(d_model: int, d_head: int, n_samples: int = 256, seed: 
 
 def composition_scores(
     model: TransformerBridge,
-    kind: Kind,
+    kind: str,
     *,
     fold_layernorm: bool = True,
     baseline_samples: int = 256,

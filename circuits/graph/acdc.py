@@ -1,0 +1,231 @@
+"""ACDC (Conmy et al., 2023): prune edges from the logits back to the embeddings while the metric holds.
+
+The plain algorithm: start from every edge; visit the destinations from the logits back to the first
+layer (reverse graph order: logits, then each layer's MLP input, v, k and q inputs, heads from last to
+first); for each incoming edge in turn (latest source first, or earliest with `order="earliest_first"`)
+remove it if the loss rises by less than `threshold` over the current circuit's loss, and keep it
+otherwise. A head or MLP whose output has no kept edge left cannot affect the output: its incoming edges
+are dropped without a forward (as ACDC does). Every test costs one forward of the whole model.
+
+`mode="exact"` makes the same decisions with far less work:
+- candidates for one destination differ from the current circuit only in that destination's column, so
+  only that node and what it reaches along kept edges is recomputed (`EdgePatcher.evaluate_column`); the
+  prefix below it is the shared clean run, and the last layer is computed at the metric positions only;
+- decisions are sequential, so a batch of candidates is built from guessed decisions (first round: keep
+  all, i.e. each edge removed alone; later rounds: remove iff its removal alone stayed under threshold)
+  and checked in order: every candidate up to the first wrong guess tested exactly the circuit the plain
+  algorithm tests, so its decision is the plain algorithm's; the batch resumes after it.
+The scores (loss increases) equal the plain algorithm's to float rounding.
+
+`mode="batched"` tests all incoming edges of a destination against the same circuit in one forward and
+removes together every edge whose removal alone stayed under threshold: faster, but blind to edges that
+are only redundant one at a time (removing two such edges together can raise the loss by more).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import networkx as nx
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import TransformerBridge
+
+from circuits.graph.circuit import Circuit, top_edges
+from circuits.graph.metric import GraphMetric, resolve_metric
+from circuits.graph.nodes import ComputeGraph
+from circuits.graph.patching import Ablation, CircuitState, EdgePatcher
+from circuits.results import LabelledResult
+from circuits.tasks.task import Metric, Task
+
+
+@dataclass(frozen=True, eq=False)
+class ACDCResult(LabelledResult):
+    """ACDC's circuit. `values` [source, destination] are the loss increases measured when each edge was
+    tested (nan where it was never tested); `circuit` holds them with the kept edges; `graph` is the circuit
+    as a networkx DiGraph (shared schema); `n_forwards` counts the circuits evaluated (each a forward of the
+    plain algorithm, or a batch row), and `info["n_batches"]` the batched calls."""
+
+    circuit: Circuit | None = None
+
+    def top(self, k: int = 5, *, by_abs: bool = True) -> list[tuple[tuple[str, ...], float]]:
+        """The k scored edges with the largest (absolute) scores; unscored (nan) entries are skipped."""
+        return top_edges(self.values, self.circuit.graph, k, by_abs=by_abs)
+    graph: nx.DiGraph | None = None
+    n_forwards: int = 0
+    edges: tuple[str, ...] = field(default_factory=tuple)
+
+
+def acdc(
+    model: TransformerBridge,
+    task: Task,
+    *,
+    threshold: float,
+    metric: str | Metric | Callable[[Tensor], Tensor] = "kl",
+    ablation: Ablation | str = Ablation.RESAMPLE,
+    mode: Literal["exact", "batched"] = "exact",
+    order: Literal["latest_first", "earliest_first"] = "latest_first",
+    progress: bool = True,
+) -> ACDCResult:
+    """Find a circuit by ACDC. `metric` is "kl" (KL from the clean run), a task metric ("logit_diff",
+    "logprob": its decrease counts as the loss's increase), or a callable logits[batch, n, vocab] → scalar
+    loss. Example: `acdc(model, induction_task(16, 8, 50), threshold=0.01).graph.edges`
+    """
+    if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    if mode not in ("exact", "batched"):
+        raise ValueError(f"mode must be 'exact' or 'batched', got {mode!r}")
+    if order not in ("latest_first", "earliest_first"):
+        raise ValueError(f"order must be 'latest_first' or 'earliest_first', got {order!r}")
+    patcher = EdgePatcher(model, task, ablation)
+    gm = resolve_metric(task, metric, patcher.clean_logits_full)
+    walk = _Walk(patcher, gm, float(threshold), order)
+    for d in tqdm(walk.destination_order(), desc=f"ACDC ({mode})", disable=not progress):
+        if walk.skip_unused(d):
+            continue
+        if mode == "exact":
+            walk.exact_destination(d)
+        else:
+            walk.batched_destination(d)
+    members = prune_dead_ends(walk.state.mask, patcher.graph)
+    attrs = dict(model=patcher.weights.description, method="acdc", metric=gm.name, ablation=patcher.ablation.value,
+                 threshold=float(threshold), mode=mode)
+    circuit = Circuit(patcher.graph, walk.scores, members.cpu(), attrs)
+    g = patcher.graph
+    return ACDCResult(
+        values=walk.scores, dims=("source", "destination"), labels=(g.source_names, g.destination_names),
+        method="acdc",
+        info=dict(threshold=float(threshold), metric=gm.name, ablation=patcher.ablation.value, mode=mode,
+                  order=order, n_batches=walk.n_batches, loss=walk.loss,
+                  n_edges=int(members.sum()), n_edges_total=g.n_edges),
+        circuit=circuit, graph=circuit.to_networkx(), n_forwards=walk.n_forwards,
+        edges=tuple(circuit.edge_names()),
+    )
+
+
+class _Walk:
+    """ACDC's running state: the circuit, its run, its loss, the scores and the cost so far."""
+
+    def __init__(self, patcher: EdgePatcher, metric: GraphMetric, threshold: float, order: str):
+        self.patcher, self.metric, self.threshold, self.order = patcher, metric, threshold, order
+        self.graph = patcher.graph
+        self.state: CircuitState = patcher.state(self.graph.valid.to(patcher.device))
+        self.loss = float(metric.loss(self.state.logits[None])[0])
+        self.scores = torch.full(self.graph.valid.shape, math.nan)
+        self.n_forwards, self.n_batches = 1, 1
+
+    def destination_order(self) -> list[int]:
+        return list(range(self.graph.n_destinations - 1, -1, -1))
+
+    def incoming(self, d: int) -> list[int]:
+        sources = torch.nonzero(self.state.mask[:, d]).flatten().tolist()
+        return sources[::-1] if self.order == "latest_first" else sources
+
+    def skip_unused(self, d: int) -> bool:
+        """Drop the incoming edges of a destination whose node no longer reaches the output; True if dropped."""
+        node = self.graph.source_index_of_destination(d)
+        if node is None or self.state.mask[node].any():
+            return False
+        if self.state.mask[:, d].any():
+            mask = self.state.mask.clone()
+            mask[:, d] = False
+            self._set_state(mask, recompute=False)
+        return True
+
+    def _losses(self, d: int, columns: Bool[Tensor, "k n_src"]) -> list[float]:
+        out = []
+        for chunk in columns.split(self.patcher.chunk_size()):
+            out += self.metric.loss(self.patcher.evaluate_column(self.state, d, chunk)).tolist()
+            self.n_batches += 1
+        self.n_forwards += columns.shape[0]
+        return out
+
+    def exact_destination(self, d: int) -> None:
+        """The plain algorithm's decisions for destination d, checked in speculative batches."""
+        column = self.state.mask[:, d].clone()
+        remaining = self.incoming(d)
+        guesses = [False] * len(remaining)  # first round: each edge removed alone
+        alone: dict[int, float] | None = None
+        while remaining:
+            candidates, trial = [], column.clone()
+            for s, guess in zip(remaining, guesses):
+                candidate = trial.clone()
+                candidate[s] = False
+                candidates.append(candidate)
+                if guess:
+                    trial = candidate
+            round_loss = self.loss
+            losses = self._losses(d, torch.stack(candidates))
+            if alone is None:
+                alone = {s: loss - round_loss for s, loss in zip(remaining, losses)}
+            consumed = len(remaining)
+            for i, (s, guess, loss) in enumerate(zip(remaining, guesses, losses)):
+                increase = loss - self.loss
+                self.scores[s, d] = increase
+                remove = increase < self.threshold
+                if remove:
+                    column[s] = False
+                    self.loss = loss
+                if remove != guess:
+                    consumed = i + 1
+                    break
+            remaining = remaining[consumed:]
+            guesses = [alone[s] < self.threshold for s in remaining]
+        self._commit_column(d, column)
+
+    def batched_destination(self, d: int) -> None:
+        """Test every incoming edge of d alone against the current circuit; remove all that stay under threshold."""
+        column = self.state.mask[:, d].clone()
+        remaining = self.incoming(d)
+        if not remaining:
+            return
+        candidates = []
+        for s in remaining:
+            candidate = column.clone()
+            candidate[s] = False
+            candidates.append(candidate)
+        losses = self._losses(d, torch.stack(candidates))
+        for s, loss in zip(remaining, losses):
+            increase = loss - self.loss
+            self.scores[s, d] = increase
+            if increase < self.threshold:
+                column[s] = False
+        if self._commit_column(d, column):
+            self.loss = float(self.metric.loss(self.state.logits[None])[0])
+
+    def _commit_column(self, d: int, column: Bool[Tensor, " n_src"]) -> bool:
+        if torch.equal(column, self.state.mask[:, d]):
+            return False
+        mask = self.state.mask.clone()
+        mask[:, d] = column
+        self._set_state(mask, recompute=True)
+        return True
+
+    def _set_state(self, mask: Bool[Tensor, "n_src n_dst"], *, recompute: bool) -> None:
+        if recompute:
+            self.state = self.patcher.state(mask)
+            self.n_forwards += 1
+            self.n_batches += 1
+        else:  # only edges into an unused node changed: the run is the same
+            self.state = CircuitState(mask, self.state.sources, self.state.inputs, self.state.logits)
+
+
+def prune_dead_ends(mask: Bool[Tensor, "n_src n_dst"], graph: ComputeGraph) -> Bool[Tensor, "n_src n_dst"]:
+    """Remove the edges into heads and MLPs whose output has no kept edge (repeatedly): they cannot change the
+    logits. Heads that keep an output edge but lost every input stay (their output from ablated inputs is
+    part of what ACDC measured)."""
+    mask = mask.clone()
+    node_of = [graph.source_index_of_destination(d) for d in range(graph.n_destinations)]
+    changed = True
+    while changed:
+        changed = False
+        for d, node in enumerate(node_of):
+            if node is not None and not mask[node].any() and mask[:, d].any():
+                mask[:, d] = False
+                changed = True
+    return mask

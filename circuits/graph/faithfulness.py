@@ -1,0 +1,188 @@
+"""How much of the model's behaviour a circuit keeps, curves of it as edges are added, and ROC against a truth.
+
+The normalised metric of a circuit is (metric(circuit) − metric(nothing)) / (metric(full) − metric(nothing)):
+0 when every edge is ablated (for resample ablation: the corrupted run), 1 for the full model, where the
+circuit's run keeps its edges and ablates all others (edge patching, `circuits.graph.patching`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from transformer_lens import TransformerBridge
+
+from circuits.graph.circuit import Circuit, top_n_mask
+from circuits.graph.metric import resolve_metric
+from circuits.graph.nodes import ComputeGraph
+from circuits.graph.patching import Ablation, EdgePatcher
+from circuits.results import LabelledResult
+from circuits.tasks.task import Metric, Task
+
+
+@dataclass(frozen=True, eq=False)
+class Faithfulness(LabelledResult):
+    """`values` = the metric of [the circuit, the full model, everything ablated]; `normalised` places the
+    circuit between ablated (0) and full (1)."""
+
+    normalised: float = float("nan")
+    n_edges: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class FaithfulnessCurve(LabelledResult):
+    """The normalised metric of the top-n edges of a score, for each n: `values` [n] with tick labels n;
+    `n_edges` the sizes and `faithfulness` the values (the names `viz.draw_faithfulness` reads)."""
+
+    n_edges: tuple[int, ...] = ()
+
+    @property
+    def faithfulness(self) -> Tensor:
+        return self.values
+
+
+@dataclass(frozen=True, eq=False)
+class Roc:
+    """A ROC curve of a score against a ground-truth circuit: false/true-positive rates and the area."""
+
+    fpr: Tensor
+    tpr: Tensor
+    auc: float
+
+
+def faithfulness(
+    model: TransformerBridge,
+    task: Task,
+    circuit: Circuit | nx.DiGraph,
+    *,
+    ablation: Ablation | str | None = None,
+    metric: str | Metric | Callable[[Tensor], Tensor] | None = None,
+) -> Faithfulness:
+    """The normalised metric of `circuit` alone (its edges kept, all others ablated) against the full model.
+
+    `ablation` defaults to the circuit's own (its `ablation` attribute) or resample; `metric` to the task's.
+    Raises ValueError for a circuit of another model. Example: `faithfulness(model, task, result.graph).normalised`
+    """
+    patcher = EdgePatcher(model, task, _ablation_of(circuit, ablation))
+    c = as_circuit(circuit, patcher.graph, patcher.weights.description)
+    gm = resolve_metric(task, metric, patcher.clean_logits_full)
+    masks = torch.stack([c.members, patcher.graph.valid, torch.zeros_like(c.members)])
+    values = gm(patcher.run(masks.to(patcher.device))).detach().cpu()
+    normalised = float((values[0] - values[2]) / (values[1] - values[2]))
+    return Faithfulness(values=values, dims=("run",), labels=(("circuit", "full", "ablated"),), method="faithfulness",
+                        info=dict(metric=gm.name, ablation=patcher.ablation.value, normalised=normalised),
+                        normalised=normalised, n_edges=c.n_edges)
+
+
+def faithfulness_curve(
+    model: TransformerBridge,
+    task: Task,
+    scores: Circuit | LabelledResult | Float[Tensor, "n_src n_dst"],
+    ns: Sequence[int],
+    *,
+    ablation: Ablation | str = Ablation.RESAMPLE,
+    metric: str | Metric | Callable[[Tensor], Tensor] | None = None,
+    by_abs: bool = True,
+) -> FaithfulnessCurve:
+    """The normalised metric of the circuit made of the top-n edges of `scores` (|score| unless `by_abs=False`;
+    nan last), for each n in `ns`, all in batched forwards. Example: `faithfulness_curve(model, task, r, [8, 16])`
+    """
+    patcher = EdgePatcher(model, task, ablation)
+    table = _score_table(scores, patcher.graph, patcher.weights.description)
+    gm = resolve_metric(task, metric, patcher.clean_logits_full)
+    valid = patcher.graph.valid
+    masks = torch.stack([top_n_mask(table, valid, n, by_abs=by_abs) for n in ns] + [valid, torch.zeros_like(valid)])
+    values = gm(patcher.run(masks.to(patcher.device))).detach().cpu()
+    normalised = (values[:-2] - values[-1]) / (values[-2] - values[-1])
+    return FaithfulnessCurve(values=normalised, dims=("n_edges",), labels=(tuple(str(n) for n in ns),),
+                             method="faithfulness_curve",
+                             info=dict(metric=gm.name, ablation=patcher.ablation.value, normalised=True),
+                             n_edges=tuple(int(n) for n in ns))
+
+
+def roc(
+    scores: Circuit | LabelledResult | Float[Tensor, "n_src n_dst"],
+    truth: Circuit | Bool[Tensor, "n_src n_dst"],
+    valid: Bool[Tensor, "n_src n_dst"] | None = None,
+    *,
+    by_abs: bool = True,
+) -> Roc:
+    """ROC of ranking the edges by |score| (nan lowest) against the ground-truth circuit `truth`; the AUC is
+    the probability that a true edge outranks a false one (ties count ½). Example: `roc(eap_result, truth).auc`
+    """
+    table = scores.circuit.scores if isinstance(scores, LabelledResult) and hasattr(scores, "circuit") else (
+        scores.scores if isinstance(scores, Circuit) else scores.values if isinstance(scores, LabelledResult)
+        else scores)
+    if isinstance(truth, Circuit):
+        valid = truth.graph.valid if valid is None else valid
+        truth = truth.members
+    if valid is None:
+        valid = torch.ones_like(truth)
+    if table.shape != truth.shape:
+        raise ValueError(f"scores and truth: shapes differ, {tuple(table.shape)} vs {tuple(truth.shape)}")
+    s = table.abs() if by_abs else table
+    s = torch.nan_to_num(s.double().cpu(), nan=-float("inf"))[valid.cpu()]
+    t = truth.cpu()[valid.cpu()]
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("truth: needs at least one edge in and one edge out of the circuit")
+    thresholds = torch.unique(s, sorted=True).flip(0)
+    tpr = torch.stack([((s >= th) & t).sum() / n_pos for th in thresholds]).double()
+    fpr = torch.stack([((s >= th) & ~t).sum() / n_neg for th in thresholds]).double()
+    tpr, fpr = torch.cat([torch.zeros(1, dtype=torch.float64), tpr]), torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                                               fpr])
+    greater = (s[t][:, None] > s[~t][None, :]).double()
+    ties = (s[t][:, None] == s[~t][None, :]).double()
+    auc = float((greater + 0.5 * ties).mean())
+    return Roc(fpr, tpr, auc)
+
+
+def as_circuit(circuit: Circuit | nx.DiGraph, graph: ComputeGraph, model_description: str) -> Circuit:
+    """A Circuit over `graph`, from a Circuit or a DiGraph; ValueError if it was made for another model."""
+    if isinstance(circuit, nx.DiGraph):
+        made_for = circuit.graph.get("model")
+        _check_same_structure(circuit.graph.get("n_layers"), circuit.graph.get("n_heads"), graph, made_for,
+                              model_description)
+        c = Circuit.from_networkx(circuit, graph)
+    elif isinstance(circuit, Circuit):
+        _check_same_structure(circuit.graph.n_layers, circuit.graph.n_heads, graph, circuit.attrs.get("model"),
+                              model_description)
+        if not circuit.graph.same_structure(graph):
+            raise ValueError("circuit: its graph has MLP nodes where the model has none (or the reverse)")
+        c = circuit
+    else:
+        raise ValueError(f"circuit: expected a Circuit or a networkx DiGraph, got {type(circuit).__name__}")
+    return c
+
+
+def _check_same_structure(n_layers: object, n_heads: object, graph: ComputeGraph, made_for: object,
+                          model_description: str) -> None:
+    if (n_layers, n_heads) != (graph.n_layers, graph.n_heads):
+        raise ValueError(f"circuit: made for a model with {n_layers} layers × {n_heads} heads ({made_for}); "
+                         f"this model has {graph.n_layers} × {graph.n_heads} ({model_description})")
+    if made_for is not None and made_for != model_description:
+        raise ValueError(f"circuit: made for another model ({made_for}); this model is {model_description}")
+
+
+def _score_table(scores: Circuit | LabelledResult | Tensor, graph: ComputeGraph, description: str) -> Tensor:
+    if isinstance(scores, LabelledResult):
+        c = getattr(scores, "circuit", None)
+        if c is None:
+            raise ValueError("scores: expected a result with a `circuit` (EAP or ACDC), a Circuit or a tensor")
+        scores = c
+    if isinstance(scores, Circuit):
+        return as_circuit(scores, graph, description).scores
+    if tuple(scores.shape) != tuple(graph.valid.shape):
+        raise ValueError(f"scores: expected shape {tuple(graph.valid.shape)}, got {tuple(scores.shape)}")
+    return scores.detach().cpu()
+
+
+def _ablation_of(circuit: Circuit | nx.DiGraph, ablation: Ablation | str | None) -> Ablation | str:
+    if ablation is not None:
+        return ablation
+    attrs = circuit.graph if isinstance(circuit, nx.DiGraph) else getattr(circuit, "attrs", {})
+    return attrs.get("ablation", Ablation.RESAMPLE)

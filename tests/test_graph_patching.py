@@ -1,0 +1,184 @@
+"""The edge-patching engine against the bridge itself: full circuit = clean run, empty circuit = ablated run,
+one patched edge = a hand-written hooked computation on the bridge, incremental = full runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from circuits.graph import ComputeGraph, EdgePatcher, patch_edges
+from circuits.models import ModelSpec, build
+from circuits.tasks import induction_task
+
+
+@pytest.fixture(scope="module")
+def mlp3():
+    """A random 3-layer model with GELU MLPs and LayerNorm."""
+    return build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def task24():
+    return induction_task(8, 9, 24, seed=1)
+
+
+def kl(ref_logits, logits):
+    return F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+
+
+@pytest.mark.parametrize("model_name", ["tiny2", "tiny2_noln", "mlp3"])
+@pytest.mark.parametrize("ablation", ["resample", "zero", "mean"])
+def test_full_circuit_is_the_clean_run(request, task24, model_name, ablation):
+    model = request.getfixturevalue(model_name)
+    p = EdgePatcher(model, task24, ablation)
+    with torch.no_grad():
+        ref = model(task24.clean)[:, task24.positions]
+    full = p.run(p.graph.valid[None])[0]
+    assert (full - ref).abs().max() < 1e-5
+    assert kl(ref, full).max() < 1e-6
+    with torch.no_grad():
+        everything = model(task24.clean)
+    assert (p.clean_logits_full - everything).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("model_name", ["tiny2", "mlp3"])
+def test_empty_circuit_is_the_ablated_run(request, task24, model_name):
+    model = request.getfixturevalue(model_name)
+    none = torch.zeros_like(ComputeGraph.of(model).valid)[None]
+    with torch.no_grad():
+        corrupted = model(task24.corrupted)[:, task24.positions]
+    resampled = patch_edges(model, task24, none, ablation="resample")[0]
+    assert (resampled - corrupted).abs().max() < 1e-5
+    assert kl(corrupted, resampled).max() < 1e-6
+    # zero ablation: every destination reads only the output biases; mean: the batch-mean sources
+    p = EdgePatcher(model, task24, "zero")
+    out = p.run(none)[0]
+    w = p.weights
+    bias = w.b_O.sum(0) + (w.b_out.sum(0) if w.has_mlp else 0)
+    expected = F.layer_norm(bias, bias.shape, *w.ln_final, w.eps) @ w.W_U + w.b_U
+    assert (out - expected).abs().max() < 1e-5
+
+
+def source_output(model, cache, name: str):
+    """A source's output from a bridge cache: the embeddings, a head's z @ W_O, an MLP's output without b_out."""
+    if name == "tok_embed":
+        return cache["hook_embed"]
+    if name == "pos_embed":
+        return cache["hook_pos_embed"].expand_as(cache["hook_embed"])
+    if name.startswith("MLP"):
+        layer = int(name[3:])
+        return cache[f"blocks.{layer}.hook_mlp_out"] - model.b_out[layer]
+    layer, head = (int(x) for x in name[1:].split("H"))
+    return cache[f"blocks.{layer}.attn.hook_z"][:, :, head] @ model.W_O[layer, head]
+
+
+def hooked_edge_patch(model, task, source: str, destination: str):
+    """The logits with one edge resample-ablated, computed by the bridge with one hand-written hook."""
+    tokens = task.clean
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens)
+        _, corrupted = model.run_with_cache(task.corrupted)
+    diff = source_output(model, corrupted, source) - source_output(model, clean, source)
+    sd = model.state_dict()
+
+    def ln(x, name):
+        if model.cfg.normalization_type is None:
+            return x
+        return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], model.cfg.eps)
+
+    if destination == "logits":
+        def hook(x, hook):  # the input of the final LayerNorm
+            return x + diff
+        name = "ln_final.hook_in"
+    elif destination.startswith("MLP"):
+        layer = int(destination[3:])
+
+        def hook(x, hook):  # the MLP's LayerNorm input is the MLP's residual input
+            return x + diff
+        name = f"blocks.{layer}.ln2.hook_in"
+    else:
+        head_name, qkv = destination.split(".")
+        layer, head = (int(x) for x in head_name[1:].split("H"))
+        W = {"q": model.W_Q, "k": model.W_K, "v": model.W_V}[qkv][layer, head]
+        b = {"q": model.b_Q, "k": model.b_K, "v": model.b_V}[qkv][layer, head]
+        patched = ln(clean[f"blocks.{layer}.hook_resid_pre"] + diff, f"blocks.{layer}.ln1") @ W + b
+
+        def hook(x, hook):  # replace one head's q, k or v by its value on the patched input
+            x = x.clone()
+            x[:, :, head] = patched
+            return x
+        name = f"blocks.{layer}.attn.hook_{qkv}"
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])[:, task.positions]
+
+
+@pytest.mark.parametrize("model_name,source,destination", [
+    ("tiny2", "L0H1", "L1H2.q"), ("tiny2", "L0H3", "L1H0.k"), ("tiny2", "tok_embed", "L1H1.v"),
+    ("tiny2", "tok_embed", "L0H2.q"), ("tiny2", "L1H3", "logits"), ("tiny2_noln", "L0H0", "L1H3.v"),
+    ("mlp3", "MLP0", "L1H0.q"), ("mlp3", "L1H2", "MLP1"), ("mlp3", "MLP2", "logits"), ("mlp3", "L0H1", "L2H3.v"),
+])
+def test_one_edge_equals_hooked_computation(request, task24, model_name, source, destination):
+    model = request.getfixturevalue(model_name)
+    p = EdgePatcher(model, task24, "resample")
+    e = p.graph.edge(source, destination)
+    mask = p.graph.valid.clone()
+    mask[e.src, e.dst] = False
+    ours = p.run(mask[None])[0]
+    oracle = hooked_edge_patch(model, task24, source, destination)
+    clean = p.clean_logits
+    assert (oracle - clean).abs().max() > 1e-3  # the patch does something
+    assert (ours - oracle).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("model_name", ["tiny2", "mlp3"])
+@pytest.mark.parametrize("ablation", ["resample", "zero"])
+def test_incremental_column_equals_full_runs(request, task24, model_name, ablation):
+    model = request.getfixturevalue(model_name)
+    p = EdgePatcher(model, task24, ablation)
+    gen = torch.Generator().manual_seed(0)
+    g = p.graph
+    mask = g.valid & (torch.rand(g.valid.shape, generator=gen) < 0.7)
+    state = p.state(mask)
+    for d in range(g.n_destinations):
+        columns = mask[:, d][None].repeat(4, 1) & (torch.rand(4, g.n_sources, generator=gen) < 0.6)
+        masks = mask[None].repeat(4, 1, 1)
+        masks[:, :, d] = columns
+        full = p.run(masks)
+        scale = full.abs().max().clamp(min=1.0)
+        assert ((p.evaluate_column(state, d, columns) - full).abs().max() / scale) < 1e-5
+
+
+def test_batched_masks_equal_one_at_a_time(tiny2, task24):
+    p = EdgePatcher(tiny2, task24)
+    gen = torch.Generator().manual_seed(1)
+    masks = p.graph.valid & (torch.rand(5, *p.graph.valid.shape, generator=gen) < 0.5)
+    batched = p.run(masks)
+    for i in range(5):
+        assert (batched[i] - p.run(masks[i : i + 1])[0]).abs().max() < 1e-5
+
+
+def test_model_is_left_unmodified(tiny2, task24):
+    before = {k: v.clone() for k, v in tiny2.state_dict().items()}
+    with torch.no_grad():
+        logits = tiny2(task24.clean)
+    p = EdgePatcher(tiny2, task24)
+    p.run(torch.zeros_like(p.graph.valid)[None])
+    assert all(torch.equal(before[k], v) for k, v in tiny2.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(tiny2(task24.clean), logits)
+    assert not any(hp.hook_forward_hooks if hasattr(hp, "hook_forward_hooks") else False
+                   for hp in tiny2.hook_dict.values())
+
+
+def test_bad_input(tiny2, task24):
+    p = EdgePatcher(tiny2, task24)
+    with pytest.raises(ValueError, match="masks: expected a bool tensor"):
+        p.run(p.graph.valid.float()[None])
+    with pytest.raises(ValueError, match="masks: expected a bool tensor"):
+        p.run(p.graph.valid)
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        EdgePatcher(tiny2, task24, "noise")
+    long = induction_task(2, 12, 24)
+    with pytest.raises(ValueError, match="n_ctx"):
+        EdgePatcher(tiny2, long)

@@ -49,9 +49,8 @@ def test_full_qk_terms_sum_to_the_attention_scores():
     _, cache = m.run_with_cache(tokens)
     pattern = cache["blocks.0.attn.hook_pattern"][:, 1]  # [batch, q, k]
     pos = torch.arange(12)
-    terms = {
-        (q, k): full_qk_circuit(m, 0, 1, query=q, key=k).AB for q in ("token", "position") for k in ("token", "position")
-    }
+    sides = ("token", "position")
+    terms = {(q, k): full_qk_circuit(m, 0, 1, query=q, key=k).AB for q in sides for k in sides}
     for b in range(2):
         t = tokens[b]
         total = (terms["token", "token"][t][:, t] + terms["token", "position"][t][:, pos]

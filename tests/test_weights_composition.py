@@ -66,14 +66,14 @@ def test_baseline_matches_brute_force_on_the_same_samples():
     d_model, d_head, n, seed = 24, 6, 64, 3
     base = composition_baseline(d_model, d_head, n, seed)
     gen = torch.Generator().manual_seed(seed)
-    V, X = (torch.randn(n, d_model, d_head, generator=gen) for _ in range(2))
-    O, Y = (torch.randn(n, d_head, d_model, generator=gen) for _ in range(2))
-    WA, WB = V @ O, X @ Y
+    W_V, X = (torch.randn(n, d_model, d_head, generator=gen) for _ in range(2))
+    W_O, Y = (torch.randn(n, d_head, d_model, generator=gen) for _ in range(2))
+    WA, WB = W_V @ W_O, X @ Y
     fro = torch.linalg.matrix_norm
     brute = fro(WA @ WB) / fro(WA) / fro(WB)
     assert base.mean == pytest.approx(float(brute.mean()), rel=1e-5)
     assert base.std == pytest.approx(float(brute.std()), rel=1e-4)
-    fast = (_left_factor(V, O) @ _right_factor(X, Y)).flatten(1).norm(dim=1)
+    fast = (_left_factor(W_V, W_O) @ _right_factor(X, Y)).flatten(1).norm(dim=1)
     torch.testing.assert_close(fast, fro(WA @ WB), rtol=1e-5, atol=0)
 
 
@@ -97,3 +97,10 @@ def test_model_left_unchanged(tiny2):
     before = {k: v.clone() for k, v in tiny2.state_dict().items()}
     all_composition_scores(tiny2)
     assert all(torch.equal(before[k], v) for k, v in tiny2.state_dict().items())
+
+
+def test_to_networkx_keeps_the_planted_edge(planted):
+    graph = composition_scores(planted, "K").to_networkx(min_zscore=5.0)
+    assert list(graph.edges) == [(f"L0H{planted.planted.previous_token[1]}",
+                                  f"L1H{planted.planted.induction[1]}")]
+    assert graph.number_of_nodes() == 6

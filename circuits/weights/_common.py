@@ -84,7 +84,9 @@ def stacked(model: TransformerBridge, name: str) -> Tensor:
     return getattr(model, name).detach()
 
 
-def read_weights(model: TransformerBridge, name: str, fold_layernorm: bool) -> Float[Tensor, "layer head d_model d_head"]:
+def read_weights(
+    model: TransformerBridge, name: str, fold_layernorm: bool
+) -> Float[Tensor, "layer head d_model d_head"]:
     """W_Q, W_K or W_V of every layer, with each layer's ln1 folded in when `fold_layernorm`."""
     W = stacked(model, name)
     if not fold_layernorm or norm_type(model) is None:

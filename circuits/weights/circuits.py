@@ -11,7 +11,6 @@ the flag changes nothing.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -29,7 +28,6 @@ from circuits.weights._common import (
     unembed,
 )
 
-Side = Literal["token", "position"]
 _SIDES = ("token", "position")
 
 
@@ -107,7 +105,8 @@ def bigram_table(model: TransformerBridge, *, position: int | None = None) -> Fa
             raise ValueError(f"position must be None or an integer in [0, {n_ctx}), got {position!r}")
         W_E = W_E + model.W_pos.detach()[position]
     W_U = model.W_U.detach()
-    bias = model.b_U.detach() if getattr(model, "b_U", None) is not None else torch.zeros(W_U.shape[1])
+    b_U = getattr(model, "b_U", None)
+    bias = b_U.detach() if b_U is not None else torch.zeros(W_U.shape[1], device=W_U.device)
     nt = norm_type(model)
     if nt is None:
         x = W_E

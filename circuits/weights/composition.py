@@ -5,18 +5,17 @@ earlier head a, and W_B = W_Q·W_Kᵀ (Q), W_K·W_Qᵀ (K) or W_V·W_O (V) of th
 transformer_lens's `TransformerBridge.all_composition_scores` defines them.
 
 How it is computed: every matrix is a product X·Y of a [d_model, d_head] and a [d_head, d_model] factor.
-Because ‖Q·M‖_F = ‖M‖_F for Q with orthonormal columns, a thin QR of the outer factors (W_V = Q·R for the
-earlier head, Yᵀ = Q'·R' for the later one) reduces the norms to those of R·W_O [k, d_model] and X·R'ᵀ
-[d_model, k], k = min(d_head, d_model); R is the triangular square root of the factor's d_head×d_head
-Gram matrix (RᵀR = WᵀW). All pairs then come from one [earlier heads·k, d_model] × [d_model, heads·k]
-product per later layer, whose k×k blocks are summed in squares. No d_model×d_model matrix is formed.
+Because ‖W·M‖_F = ‖R·M‖_F whenever RᵀR = WᵀW, the triangular square roots R of the outer factors' small
+d_head × d_head Gram matrices (W_V of the earlier head, Yᵀ of the later one; Cholesky, or a thin QR when
+singular) reduce the norms to those of R·W_O [k, d_model] and X·R'ᵀ [d_model, k], k = min(d_head, d_model).
+All pairs then come from one [earlier heads·k, d_model] × [d_model, heads·k] product per later layer, whose
+k×k blocks are summed in squares. No d_model × d_model matrix is formed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
 
 import einops
 import torch
@@ -27,7 +26,6 @@ from transformer_lens import TransformerBridge
 from circuits.results import LabelledResult, head_labels, head_name, layer_labels
 from circuits.weights._common import check_choice, read_weights, require_attention, stacked
 
-Kind = Literal["Q", "K", "V"]
 KINDS: tuple[str, ...] = ("Q", "K", "V")
 
 
@@ -78,9 +76,34 @@ class CompositionScores(LabelledResult):
             out.append((head_name(la, ha), head_name(lb, hb), float(flat[i])))
         return out
 
+    def to_networkx(self, min_zscore: float = 3.0):
+        """A networkx DiGraph of heads with an edge a → b for every defined pair with z-score ≥ `min_zscore`.
+
+        Edge attributes: `score`, `zscore`, `kind`. Example: `composition_scores(model, "K").to_networkx(5)`
+        """
+        import networkx as nx
+
+        graph = nx.DiGraph(kind=self.kind)
+        L, H = self.values.shape[:2]
+        graph.add_nodes_from(head_name(lay, h) for lay in range(L) for h in range(H))
+        keep = self.mask & (self.zscores >= min_zscore)
+        for la, ha, lb, hb in keep.nonzero().tolist():
+            graph.add_edge(head_name(la, ha), head_name(lb, hb), score=float(self.values[la, ha, lb, hb]),
+                           zscore=float(self.zscores[la, ha, lb, hb]), kind=self.kind)
+        return graph
+
 
 def _thin_r(W: Float[Tensor, "*batch d_model d_head"]) -> Float[Tensor, "*batch k d_head"]:
-    """R of the thin QR W = Q·R: RᵀR = WᵀW, so ‖W·M‖_F = ‖R·M‖_F for every M."""
+    """A square root R of the Gram matrix WᵀW (RᵀR = WᵀW), so ‖W·M‖_F = ‖R·M‖_F for every M.
+
+    The Cholesky factor of the d_head × d_head Gram matrix, formed in float64 (fast for a batch of small
+    matrices); when a Gram matrix is singular (rank-deficient W, or d_head > d_model) the R of a thin QR.
+    """
+    if W.shape[-1] <= W.shape[-2]:
+        W64 = W.double()
+        lower, info = torch.linalg.cholesky_ex(W64.transpose(-2, -1) @ W64)
+        if not bool(info.any()):
+            return lower.transpose(-2, -1).to(W.dtype)
     return torch.linalg.qr(W, mode="r").R
 
 
@@ -136,9 +159,9 @@ def composition_baseline(d_model: int, d_head: int, n_samples: int = 256, seed: 
     if n_samples < 2:
         raise ValueError(f"n_samples must be at least 2 (a std needs two samples), got {n_samples}")
     gen = torch.Generator().manual_seed(seed)
-    V, X = (torch.randn(n_samples, d_model, d_head, generator=gen) for _ in range(2))
-    O, Y = (torch.randn(n_samples, d_head, d_model, generator=gen) for _ in range(2))
-    left, right = _left_factor(V, O), _right_factor(X, Y)
+    W_V, X = (torch.randn(n_samples, d_model, d_head, generator=gen) for _ in range(2))
+    W_O, Y = (torch.randn(n_samples, d_head, d_model, generator=gen) for _ in range(2))
+    left, right = _left_factor(W_V, W_O), _right_factor(X, Y)
     numer = (left @ right).pow(2).sum((-2, -1)).sqrt()
     s = numer / left.pow(2).sum((-2, -1)).sqrt() / right.pow(2).sum((-2, -1)).sqrt()
     return CompositionBaseline(float(s.mean()), float(s.std()), n_samples, seed, d_model, d_head)

@@ -58,7 +58,9 @@ def _check_model(model: TransformerBridge) -> None:
             f"this one has n_layers={n_layers(model)}"
         )
     if norm_type(model) not in (None, "LN", "LNPRE"):
-        raise ValueError(f"model: normalization_type must be None, 'LN' or 'LNPre', got {model.cfg.normalization_type!r}")
+        raise ValueError(
+            f"model: normalization_type must be None, 'LN' or 'LNPre', got {model.cfg.normalization_type!r}"
+        )
 
 
 def _check_tokens(model: TransformerBridge, tokens: Tensor) -> None:

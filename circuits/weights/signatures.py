@@ -72,7 +72,7 @@ def copying_scores(model: TransformerBridge, *, fold_layernorm: bool = True) -> 
         values = torch.tensor([
             [_copying_score(full_ov_circuit(model, lay, h, fold_layernorm=fold_layernorm).eigenvalues)
              for h in range(H)] for lay in range(L)
-        ])
+        ], device=model.W_E.device)
     return _head_result(values, "copying_scores", fold_layernorm=fold_layernorm)
 
 
@@ -97,7 +97,7 @@ def previous_token_scores(model: TransformerBridge, *, fold_layernorm: bool = Tr
             [_previous_token_attention(
                 full_qk_circuit(model, lay, h, query="position", key="position", fold_layernorm=fold_layernorm).AB)
              for h in range(H)] for lay in range(L)
-        ])
+        ], device=model.W_E.device)
     return _head_result(values, "previous_token_scores", fold_layernorm=fold_layernorm)
 
 

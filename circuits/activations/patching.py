@@ -1,0 +1,159 @@
+"""Activation patching, batched: many components' patched runs in one vectorised forward."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import TransformerBridge
+
+from circuits.activations import engine, hooked
+from circuits.activations.readout import CustomMetric, Reader, check_tokens, task_metric
+from circuits.activations.result import PatchResult, make_result
+from circuits.activations.site_patch import patched_resid
+from circuits.activations.sites import (
+    Components,
+    Site,
+    check_heads,
+    check_positions,
+    enumerate_components,
+    parse_site,
+    result_axes,
+    token_labels,
+)
+from circuits.tasks import Task
+
+Direction = Literal["denoising", "noising"]
+Backend = Literal["auto", "weights", "hooks"]
+
+
+def activation_patch(
+    model: TransformerBridge,
+    task: Task,
+    site: Site | str,
+    *,
+    per_position: bool = True,
+    direction: Direction = "denoising",
+    heads: list[tuple[int, int]] | None = None,
+    positions: list[int] | Int[Tensor, " n"] | None = None,
+    batch_limit: int | None = None,
+    progress: bool = True,
+    metric: CustomMetric | None = None,
+    backend: Backend = "auto",
+    memory_mb: float = 512.0,
+) -> PatchResult:
+    """Patch each component of `site` from one run into the other and score the task's metric.
+
+    Denoising runs the corrupted input and patches in clean activations; noising runs the clean input and
+    patches in corrupted ones. Components: every layer (× head for z, q, k, v, pattern) × position when
+    `per_position` (the destination position for `pattern`), else all positions (those in `positions`) at
+    once. Result values: [layer, pos] / [layer] for resid_pre, resid_mid, resid_post, attn_out;
+    [layer, head, pos] / [layer, head] for z, q, k, v; [layer, head, dest_pos] / [layer, head] for pattern;
+    normalised (0 = corrupted baseline, 1 = clean) with the raw metric in `.raw`. `heads` ((layer, head)
+    pairs) and `positions` restrict the components (the rest are NaN).
+
+    The components of a layer run together, stacked along the batch in chunks of at most `batch_limit`
+    (default: what fits in `memory_mb`), resuming from the cached residual stream at that layer. The
+    `weights` backend (native and GPT-2 bridges; `auto` picks it when it can) computes the forward from the
+    model's weights and reads only the logits the metric reads; `hooks` runs the bridge itself with one
+    temporary hook per stacked forward. `metric` (logits [batch, pos, vocab] → scalar) replaces the task's.
+
+    Example: `activation_patch(model, induction_task(32, 17, 50), "z").top(5)`
+    """
+    site = parse_site(model, site)
+    if direction not in ("denoising", "noising"):
+        raise ValueError(f"direction: expected 'denoising' or 'noising', got {direction!r}")
+    if batch_limit is not None and (not isinstance(batch_limit, int) or batch_limit < 1):
+        raise ValueError(f"batch_limit: expected a positive integer, got {batch_limit!r}")
+    check_tokens(task, model.cfg.n_ctx, model.cfg.d_vocab)
+    L, H, P = model.cfg.n_layers, model.cfg.n_heads, task.seq_len
+    pos_list = check_positions(positions, P)
+    head_list = check_heads(heads, L, H)
+    if backend == "auto":
+        backend = "hooks" if engine.unsupported(model) else "weights"
+    if backend not in ("weights", "hooks"):
+        raise ValueError(f"backend: expected 'auto', 'weights' or 'hooks', got {backend!r}")
+    comps = enumerate_components(site, L, H, P, per_position=per_position, heads=head_list, positions=pos_list)
+    if heads is not None and not site.per_head:
+        raise ValueError(f"heads: site {site.value!r} is not per head; heads applies to z, q, k, v and pattern")
+    shape = (L, H, P) if site.per_head else (L, P)
+    shape = shape if per_position else shape[:-1]
+    run = _run_weights if backend == "weights" else _run_hooks
+    raw, clean_m, corrupted_m = run(model, task, site, comps, direction, metric, batch_limit, memory_mb, progress,
+                                    torch.full(shape, math.nan))
+    dims, labels = result_axes(site, per_position, L, H, token_labels(model, task.clean[0]))
+    return make_result(
+        raw, method="activation_patch", dims=dims, labels=labels, site=site.value, direction=direction,
+        metric="custom" if metric is not None else task.metric.value, clean=clean_m, corrupted=corrupted_m,
+        info={"backend": backend, "per_position": per_position},
+    )
+
+
+def _chunk_size(batch_limit: int | None, memory_mb: float, per_component_bytes: float) -> int:
+    fit = max(1, int(memory_mb * 2**20 // max(per_component_bytes, 1.0)))
+    return min(fit, batch_limit) if batch_limit is not None else fit
+
+
+def _chunks(comps: list[Components], size: int, progress: bool, desc: str):
+    parts = [c.chunk(i, i + size) for c in comps for i in range(0, len(c), size)]
+    return tqdm(parts, desc=desc, disable=not progress, leave=False)
+
+
+def _run_weights(model, task, site, comps, direction, custom, batch_limit, memory_mb, progress, out):
+    w = engine.Weights.of(model)
+    device = w.W_E.device
+    P = task.seq_len
+    keep = P if custom is not None else int(task.positions.max()) + 1  # later positions cannot reach the metric
+    with torch.no_grad():
+        clean = engine.run(w, task.clean[:, :keep].to(device))
+        corrupted = engine.run(w, task.corrupted[:, :keep].to(device))
+        reader = Reader.for_task(w, task, clean.final, custom)
+        clean_m = float(reader.score(clean.final[:, reader.read_pos]))
+        corrupted_m = float(reader.score(corrupted.final[:, reader.read_pos]))
+        base, src = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
+        resume = engine.Resume(w, base, reader.read_pos)
+        live = [_truncate(c, keep) for c in comps]
+        for c in comps:  # per-position components past `keep` leave the metric exactly unchanged
+            for idx, p in zip(c.index, c.pos.tolist() if c.pos is not None else []):
+                if p >= keep:
+                    out[idx] = corrupted_m if direction == "denoising" else clean_m
+        d_mlp = w.W_in.shape[-1] if w.has_mlp else 0
+        per_comp = 4 * task.batch * keep * (12 * w.W_E.shape[1] + 3 * w.n_heads * keep + 2 * d_mlp)
+        for c in _chunks([c for c in live if len(c)], _chunk_size(batch_limit, memory_mb, per_comp), progress,
+                         f"patching {site.value}"):
+            scores = reader.score(patched_resid(resume, src, site, c)).cpu()
+            for idx, s in zip(c.index, scores):
+                out[idx] = s
+    return out, clean_m, corrupted_m
+
+
+def _truncate(c: Components, keep: int) -> Components:
+    """The components touching positions < keep, with position masks cut to `keep`."""
+    mask = c.pos_mask[:keep]
+    if c.pos is None:
+        return Components(c.layer, c.heads, None, mask, c.index)
+    live = c.pos < keep
+    idx = [i for i, ok in zip(c.index, live.tolist()) if ok]
+    return Components(c.layer, None if c.heads is None else c.heads[live], c.pos[live], mask, idx)
+
+
+def _run_hooks(model, task, site, comps, direction, custom, batch_limit, memory_mb, progress, out):
+    device = next(model.parameters()).device
+    clean_logits, clean_cache = hooked.cache_site(model, task.clean.to(device), site)
+    corr_logits, corr_cache = hooked.cache_site(model, task.corrupted.to(device), site)
+    score = task_metric(task, clean_logits, custom)
+    with torch.no_grad():
+        clean_m, corrupted_m = float(score(clean_logits)), float(score(corr_logits))
+    base, src = (corr_cache, clean_cache) if direction == "denoising" else (clean_cache, corr_cache)
+    P = task.seq_len
+    cfg = model.cfg
+    per_comp = 4 * task.batch * P * (2 * cfg.d_vocab + 16 * cfg.d_model + 3 * cfg.n_heads * P + 2 * (cfg.d_mlp or 0))
+    for c in _chunks(comps, _chunk_size(batch_limit, memory_mb, per_comp), progress, f"patching {site.value}"):
+        scores = hooked.patch_chunk(model, site, c, base, src, score).cpu()
+        for idx, s in zip(c.index, scores):
+            out[idx] = s
+    return out, clean_m, corrupted_m

@@ -1,0 +1,154 @@
+"""How each zoo checkpoint is made: its data, shape, training settings, and the measurements on its card.
+
+`regenerate(name, out_dir)` trains from scratch with fixed seeds and a fixed number of torch threads
+(so that the same machine gives the same weights), measures the model on held-out data, and writes
+model.safetensors, config.json (and tokenizer.json), card.json and card.md into `out_dir/name`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformer_lens import TransformerBridge
+
+from circuits.models.build import ModelSpec, build
+from circuits.models.io import save
+from circuits.models.train import DataSource, train
+
+HEAD_THRESHOLD = 0.4  # a head "is" a previous-token / induction head when its attention score exceeds this
+HELDOUT_SEED = 1234  # held-out data is drawn from a generator seeded apart from training
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines a zoo checkpoint. `make_data()` returns (training data, tokenizer or None)."""
+
+    name: str
+    summary: str
+    spec: ModelSpec
+    steps: int
+    lr: float
+    batch_size: int
+    make_data: Callable[[], tuple[DataSource, object]]
+    measure: Callable[[TransformerBridge], dict]
+    data: dict
+    seed: int = 0
+    weight_decay: float = 0.0
+    threads: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+def _recipes() -> dict[str, Recipe]:
+    from circuits.models import zoo_synthetic
+
+    recipes = [zoo_synthetic.bigram_recipe(), zoo_synthetic.skip_trigram_recipe(), zoo_synthetic.induction_recipe()]
+    try:
+        from circuits.models import zoo_pycode
+    except ImportError:  # pragma: no cover - while the real-text recipe is being written
+        pass
+    else:
+        recipes.append(zoo_pycode.pycode_recipe())
+    return {r.name: r for r in recipes}
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe of zoo model `name`."""
+    recipes = _recipes()
+    if name not in recipes:
+        raise ValueError(f"name: no recipe for {name!r}; expected one of {sorted(recipes)}")
+    return recipes[name]
+
+
+def n_params(model: TransformerBridge) -> int:
+    return sum(p.numel() for p in model.state_dict().values())
+
+
+def regenerate(name: str, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Train zoo model `name` from scratch, measure it, and write its folder under `out_dir`. Returns the card."""
+    r = recipe(name)
+    torch.set_num_threads(r.threads)
+    torch.manual_seed(r.seed)
+    data, tokenizer = r.make_data()
+    model = build(r.spec, seed=r.seed)
+    if tokenizer is not None:
+        model.bpe = tokenizer
+    start = time.perf_counter()
+    log = train(model, data, steps=r.steps, lr=r.lr, batch_size=r.batch_size, seed=r.seed,
+                weight_decay=r.weight_decay, progress=progress)
+    seconds = time.perf_counter() - start
+    measured = r.measure(model)
+    card = {
+        "name": name,
+        "summary": r.summary,
+        "architecture": {**r.spec.to_dict(), "n_params": n_params(model), "attn_only": True},
+        "data": r.data,
+        "training": {
+            "steps": r.steps, "lr": r.lr, "batch_size": r.batch_size, "seed": r.seed,
+            "weight_decay": r.weight_decay, "optimizer": "AdamW(betas=(0.9, 0.98)), 5% linear warm-up, cosine to 0.1·lr",
+            "torch_threads": r.threads, "train_seconds": round(seconds, 1),
+            "machine": f"{platform.machine()} CPU, torch {torch.__version__}, python {sys.version.split()[0]}",
+        },
+        "final_train_loss": round(log.final_loss, 4),
+        "final_train_loss_definition": "mean next-token loss (nats) over the last 5% of training steps",
+        **measured,
+        "notes": r.notes,
+        "regenerate": f"python -m circuits.models.zoo --name {name}",
+    }
+    folder = Path(out_dir) / name
+    save(model, folder)
+    (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (folder / "card.md").write_text(card_markdown(card))
+    return card
+
+
+def card_markdown(card: dict) -> str:
+    """The card as a short Markdown page (card.md)."""
+    a, t = card["architecture"], card["training"]
+    lines = [
+        f"# {card['name']}", "", card["summary"], "",
+        f"- **Shape**: {a['n_layers']} layers, {a['n_heads']} heads of {a['d_head']}, d_model {a['d_model']}, "
+        f"d_vocab {a['d_vocab']}, n_ctx {a['n_ctx']}, LayerNorm {'yes' if a['layernorm'] else 'no'}, "
+        f"attention-only, {a['n_params']:,} parameters",
+        f"- **Data**: {card['data']['description']}",
+        f"- **Training**: {t['steps']} steps, batch {t['batch_size']}, lr {t['lr']}, seed {t['seed']}, "
+        f"weight decay {t['weight_decay']}, {t['optimizer']}; {t['train_seconds']} s on {t['machine']}, "
+        f"{t['torch_threads']} torch thread(s)",
+        f"- **Final training loss**: {card['final_train_loss']} ({card['final_train_loss_definition']})",
+        f"- **Held-out loss**: {card['heldout_loss']} ({card['heldout_loss_definition']})",
+        "", "## What it contains (measured)", "",
+    ]
+    lines += [f"- {item}" for item in card["contains"]]
+    if card.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in card["notes"]]
+    lines += ["", "## Regenerate", "", "```", card["regenerate"], "```", ""]
+    return "\n".join(lines)
+
+
+def head_measurements(model: TransformerBridge, tokens: torch.Tensor, half_len: int) -> dict:
+    """Previous-token and induction attention scores of every head, and the heads above HEAD_THRESHOLD."""
+    from circuits.models.head_scores import heads_above, induction_scores, previous_token_scores
+
+    prev = previous_token_scores(model, tokens)
+    ind = induction_scores(model, tokens, half_len)
+    prev_heads, ind_heads = heads_above(prev, HEAD_THRESHOLD), heads_above(ind, HEAD_THRESHOLD)
+    return {
+        "previous_token_heads": [row[:2] for row in prev_heads],
+        "induction_heads": [row[:2] for row in ind_heads],
+        "previous_token_head_scores": prev_heads,
+        "induction_head_scores": ind_heads,
+        "head_score_threshold": HEAD_THRESHOLD,
+        "head_scores": {
+            "previous_token": [[round(float(x), 4) for x in row] for row in prev],
+            "induction": [[round(float(x), 4) for x in row] for row in ind],
+            "definition": "attention-pattern scores (circuits.models.head_scores): previous-token = mean attention "
+            "from position i to i-1 (i >= 1); induction = mean attention from position T+k to k+1 (k = 1..T-1) "
+            f"on [BOS, x, x] rows with |x| = T = {half_len}",
+        },
+    }

@@ -1,0 +1,170 @@
+"""ACDC: exact mode against the plain algorithm (one full forward per edge, written here), the planted
+circuits, the batched mode, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from circuits.graph import ComputeGraph, EdgePatcher, acdc, faithfulness, resolve_metric
+from circuits.models import ModelSpec, build
+from circuits.tasks import induction_task
+
+
+def reference_acdc(model, task, *, threshold, metric="kl", ablation="resample", order="latest_first"):
+    """The plain ACDC algorithm: for each destination from the logits back, for each incoming edge in turn,
+    one full forward of the patched model (from the embeddings, every edge mask applied); remove the edge
+    when the loss rises by less than `threshold`. A destination whose head/MLP no longer has an outgoing
+    edge is dropped without a forward. Returns (mask, n_forwards)."""
+    p = EdgePatcher(model, task, ablation)
+    loss = resolve_metric(task, metric, p.clean_logits_full).loss
+    g = p.graph
+    mask = g.valid.clone()
+    current = float(loss(p.run(mask[None]))[0])
+    n_forwards = 1
+    for d in reversed(range(g.n_destinations)):
+        node = g.source_index_of_destination(d)
+        if node is not None and not mask[node].any():
+            mask[:, d] = False
+            continue
+        sources = mask[:, d].nonzero().flatten().tolist()
+        for s in sources[::-1] if order == "latest_first" else sources:
+            trial = mask.clone()
+            trial[s, d] = False
+            value = float(loss(p.run(trial[None]))[0])
+            n_forwards += 1
+            if value - current < threshold:
+                mask, current = trial, value
+    return mask, n_forwards
+
+
+@pytest.fixture(scope="module")
+def task24():
+    return induction_task(6, 9, 24, seed=2)
+
+
+@pytest.mark.parametrize("threshold", [1e-4, 1e-3, 3e-3, 0.01])
+def test_exact_mode_equals_plain_algorithm(tiny2, task24, threshold):
+    ours = acdc(tiny2, task24, threshold=threshold, progress=False)
+    mask, n_forwards = reference_acdc(tiny2, task24, threshold=threshold)
+    assert torch.equal(ours.circuit.members, mask)
+    assert ours.circuit.n_edges > 0  # a non-trivial circuit (random models have small effects)
+    assert ours.info["n_batches"] < n_forwards
+
+
+@pytest.mark.parametrize("threshold,metric,ablation,order", [
+    (0.001, "kl", "zero", "latest_first"), (0.01, "kl", "zero", "earliest_first"),
+    (1e-4, "logit_diff", "mean", "earliest_first"), (0.003, "logit_diff", "mean", "latest_first"),
+    (0.001, "kl", "resample", "earliest_first"),
+])
+def test_exact_mode_equals_plain_algorithm_other_settings(tiny2, task24, threshold, metric, ablation, order):
+    ours = acdc(tiny2, task24, threshold=threshold, metric=metric, ablation=ablation, order=order, progress=False)
+    mask, _ = reference_acdc(tiny2, task24, threshold=threshold, metric=metric, ablation=ablation, order=order)
+    assert torch.equal(ours.circuit.members, mask)
+    assert 0 < ours.circuit.n_edges < ComputeGraph.of(tiny2).n_edges
+
+
+@pytest.mark.parametrize("threshold,ablation", [(0.001, "resample"), (0.003, "zero"), (0.03, "zero")])
+def test_exact_mode_equals_plain_algorithm_with_mlps(task24, threshold, ablation):
+    model = build(ModelSpec(2, 32, 2, 8, 24, 20, d_mlp=48, act_fn="gelu"), seed=5)
+    ours = acdc(model, task24, threshold=threshold, ablation=ablation, progress=False)
+    mask, _ = reference_acdc(model, task24, threshold=threshold, ablation=ablation)
+    assert torch.equal(ours.circuit.members, mask)
+    assert ours.circuit.n_edges > 0
+
+
+# The planted model (circuits/models/planted.py): no LayerNorm, one-hot subspaces TOK, POS, PREV, OUT.
+# Previous-token head L0H2: its query and key read POS only (W_Q, W_K are zero outside POS), its value reads
+# TOK and writes PREV. Induction head L1H1: query reads TOK, key reads PREV (written only by L0H2), value
+# reads TOK and writes OUT, the only subspace W_U reads. So under zero ablation the circuit needs exactly:
+PLANTED_ZERO = {
+    "pos_embed->L0H2.q", "pos_embed->L0H2.k",  # position i attends to i−1 by POS alone
+    "tok_embed->L0H2.v",                       # what it moves is the token
+    "L0H2->L1H1.k",                            # PREV, the key the induction head matches (K-composition)
+    "tok_embed->L1H1.q",                       # the current token, the query
+    "tok_embed->L1H1.v",                       # the token copied
+    "L1H1->logits",                            # OUT, read by W_U
+}
+# Nothing else is required: tok_embed and pos_embed write TOK/POS, which W_U ignores; the four inert heads
+# have 0.02-scale weights. Under resample ablation on induction_task (clean [BOS, x, x], corrupted
+# [BOS, y, x]) an edge matters only if its source differs where it is read: positions are identical, so
+# both pos_embed edges carry nothing, and the induction head's query reads the second half, whose tokens
+# are the same in both runs, so tok_embed->L1H1.q carries nothing either.
+PLANTED_RESAMPLE = {"tok_embed->L0H2.v", "L0H2->L1H1.k", "tok_embed->L1H1.v", "L1H1->logits"}
+
+
+@pytest.fixture(scope="module")
+def planted_task():
+    return induction_task(12, 10, 32, seed=0)
+
+
+@pytest.mark.parametrize("threshold", [1e-3, 0.01, 0.1, 1.0])
+def test_planted_zero_ablation_gives_the_planted_circuit(planted, planted_task, threshold):
+    assert planted.planted.previous_token == (0, 2) and planted.planted.induction == (1, 1)
+    r = acdc(planted, planted_task, threshold=threshold, ablation="zero", progress=False)
+    assert set(r.edges) == PLANTED_ZERO
+    residual = {f"{u}->{v}" for u, v, a in r.graph.edges(data=True) if a["kind"] == "residual"}
+    assert residual == PLANTED_ZERO
+    assert set(r.graph.nodes) == {"tok_embed", "pos_embed", "L0H2", "L0H2.q", "L0H2.k", "L0H2.v", "L1H1",
+                                  "L1H1.q", "L1H1.k", "L1H1.v", "logits"}
+    assert r.graph.graph["method"] == "acdc" and r.graph.graph["ablation"] == "zero"
+    assert faithfulness(planted, planted_task, r.graph).normalised == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("threshold", [1e-3, 0.1, 1.0])
+def test_planted_resample_ablation_keeps_edges_that_carry_a_difference(planted, planted_task, threshold):
+    r = acdc(planted, planted_task, threshold=threshold, ablation="resample", progress=False)
+    assert set(r.edges) == PLANTED_RESAMPLE
+    # the edges ACDC dropped as carrying no difference really change nothing
+    assert r.values[0, ComputeGraph.of(planted).edge("pos_embed", "L0H2.q").dst].abs() < 1e-6
+
+
+def test_batched_mode(tiny2, planted, planted_task, task24):
+    r = acdc(planted, planted_task, threshold=0.01, ablation="zero", mode="batched", progress=False)
+    assert set(r.edges) == PLANTED_ZERO
+    exact = acdc(tiny2, task24, threshold=0.01, progress=False)
+    batched = acdc(tiny2, task24, threshold=0.01, mode="batched", progress=False)
+    assert batched.n_forwards <= exact.n_forwards + ComputeGraph.of(tiny2).n_destinations
+    # each batched decision compares an edge against the same circuit: its score is the loss rise alone
+    assert batched.info["mode"] == "batched" and batched.circuit.n_edges > 0
+
+
+def test_result_contents(tiny2, task24):
+    r = acdc(tiny2, task24, threshold=0.02, progress=False)
+    g = ComputeGraph.of(tiny2)
+    assert r.values.shape == (g.n_sources, g.n_destinations)
+    assert r.dims == ("source", "destination")
+    assert torch.isnan(r.values[~g.valid]).all()
+    assert r.n_forwards > 1 and r.info["n_batches"] >= 1
+    assert r.graph.graph["threshold"] == 0.02 and r.graph.graph["model"].startswith("attn-only 2L×4H")
+    kept = r.circuit.members
+    assert (r.values[kept & ~r.values.isnan()] >= 0.02).all()  # kept edges raised the loss by >= threshold
+    assert all(not math.isnan(v) for _, v in r.top(3))
+
+
+def test_bad_input(tiny2, task24, capsys):
+    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+        acdc(tiny2, task24, threshold=-0.1)
+    with pytest.raises((ValueError, TypeError), match="mode"):
+        acdc(tiny2, task24, threshold=0.1, mode="fast")
+    with pytest.raises(ValueError, match="metric: expected a callable returning a scalar"):
+        acdc(tiny2, task24, threshold=0.1, metric=lambda logits: logits.mean(-1))
+    with pytest.raises(ValueError, match="metric must be one of"):
+        acdc(tiny2, task24, threshold=0.1, metric="accuracy")
+    acdc(tiny2, task24, threshold=0.5, progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_custom_metric_is_a_loss(tiny2_noln, task24):
+    """A callable metric is a loss: with the negative logit difference it matches metric='logit_diff'."""
+    t = task24
+
+    def neg_logit_diff(logits):
+        ans = logits.gather(-1, t.answers[..., None]) - logits.gather(-1, t.wrong_answers[..., None])
+        return -ans.mean()
+
+    a = acdc(tiny2_noln, t, threshold=0.05, metric=neg_logit_diff, progress=False)
+    b = acdc(tiny2_noln, t, threshold=0.05, metric="logit_diff", progress=False)
+    assert torch.equal(a.circuit.members, b.circuit.members)

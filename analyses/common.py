@@ -1,0 +1,41 @@
+"""What the analyses share: loading a model by zoo name or path, the device, small statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformer_lens import TransformerBridge
+
+from circuits.models import load
+from circuits.models.zoo import available, load_pretrained
+
+
+def resolve_device(device: str) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (CUDA when present); a clear error for a device that is not there."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use 'cpu'")
+    return dev
+
+
+def load_model(name_or_path: str, device: torch.device | str = "cpu") -> TransformerBridge:
+    """A zoo model by name, or a model saved with `circuits.models.save` by folder."""
+    if name_or_path in available():
+        model = load_pretrained(name_or_path)
+    elif Path(name_or_path).is_dir():
+        model = load(name_or_path)
+    else:
+        raise ValueError(f"--model {name_or_path!r}: neither a zoo name ({', '.join(available())}) nor a model folder")
+    return model.to(device)
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two same-shaped tensors over their finite entries."""
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    keep = a.isfinite() & b.isfinite()
+    a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))

@@ -1,0 +1,151 @@
+"""Recipe of attn2l-pycode: a 2-layer attention-only model on the Python standard library's own source.
+
+The tokenizer is a byte-level BPE (1024 tokens) trained on the training split; the held-out modules
+(`circuits.tasks.HELDOUT_MODULES`) are never seen. Training rows mix plain code windows with rows that
+contain a repeated snippet (of code, or of random tokens), to give induction heads a reason to form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformer_lens import TransformerBridge
+
+from circuits.models.build import ModelSpec
+from circuits.models.zoo_recipes import HELDOUT_SEED, Recipe, head_measurements
+
+VOCAB = 1024
+N_CTX = 128
+REPEAT_LEN = (8, 48)  # length range of a repeated snippet in the mixed-in rows
+MIX = {"plain_code": 0.5, "repeated_code": 0.25, "repeated_random_tokens": 0.25}
+EVAL_HALF_LEN = 48
+
+
+def _corpus_and_tokenizer():
+    from circuits.models.tokenizer import BPETokenizer
+    from circuits.tasks import code_corpus
+
+    corpus = code_corpus()
+    tokenizer = BPETokenizer.train(corpus.train_texts(), vocab_size=VOCAB)
+    return corpus, tokenizer
+
+
+def _make_data():
+    from circuits.tasks import encode_texts
+
+    corpus, tokenizer = _corpus_and_tokenizer()
+    stream = encode_texts(tokenizer, corpus.train_texts())
+    return MixedRows(stream, tokenizer.bos_id, tokenizer.vocab_size), tokenizer
+
+
+class MixedRows:
+    """Training batches: half plain code windows, a quarter [BOS, s, s, code…] with s a code snippet, a quarter
+    [BOS, x, x, code…] with x distinct random tokens; |s|, |x| uniform in REPEAT_LEN, drawn per batch."""
+
+    def __init__(self, stream: torch.Tensor, bos: int, vocab: int):
+        self.stream, self.bos, self.vocab = stream, bos, vocab
+
+    def __call__(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        from circuits.tasks import random_windows
+
+        n_code = round(batch * MIX["repeated_code"])
+        n_rand = round(batch * MIX["repeated_random_tokens"])
+        n_plain = batch - n_code - n_rand
+        half = int(torch.randint(REPEAT_LEN[0], REPEAT_LEN[1] + 1, (1,), generator=gen))
+        plain = random_windows(self.stream, n_plain, N_CTX - 1, generator=gen)
+        code = random_windows(self.stream, n_code, half, generator=gen)
+        pool = torch.tensor([t for t in range(self.vocab) if t != self.bos])
+        rand = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:half]] for _ in range(n_rand)])
+        snippets = torch.cat([code, rand])
+        rest = random_windows(self.stream, len(snippets), N_CTX - 1 - 2 * half, generator=gen)
+        repeated = torch.cat([snippets, snippets, rest], dim=1)
+        rows = torch.cat([plain, repeated])
+        return torch.cat([torch.full((batch, 1), self.bos, dtype=torch.long), rows], dim=1)
+
+
+def measure_pycode(model: TransformerBridge) -> dict:
+    from circuits.tasks import code_corpus, encode_texts, random_windows, repeated_random_tokens
+
+    corpus = code_corpus()
+    stream = encode_texts(model.bpe, corpus.heldout_texts())
+    gen = torch.Generator().manual_seed(HELDOUT_SEED)
+    bos = model.bpe.bos_id
+    windows = random_windows(stream, 256, N_CTX - 1, generator=gen)
+    plain = torch.cat([torch.full((256, 1), bos), windows], dim=1)
+    half = EVAL_HALF_LEN
+    snippets = random_windows(stream, 256, half, generator=gen)
+    repeated = torch.cat([torch.full((256, 1), bos), snippets, snippets], dim=1)
+    with torch.no_grad():
+        loss_plain = float(_losses(model, plain).mean())
+        rep = _losses(model, repeated)  # target j+1 predicted at j
+    # the same tokens s_2..s_T predicted in the first copy (targets 2..T) and the second (targets T+2..2T)
+    first, second = float(rep[:, 1:half].mean()), float(rep[:, half + 1 : 2 * half].mean())
+    random_rep = repeated_random_tokens(128, 30, VOCAB, bos=bos, generator=gen)
+    heads_random = head_measurements(model, random_rep, 30)
+    heads_code = head_measurements(model, repeated, half)
+    with torch.no_grad():
+        rr = _losses(model, random_rep)
+    rand_first, rand_second = float(rr[:, 1:30].mean()), float(rr[:, 31:60].mean())
+    chars = sum(len(t) for t in corpus.heldout_texts())
+    contains = [
+        f"held-out code loss {loss_plain:.4f} nats/token ({len(stream) / chars:.3f} tokens per character of held-out "
+        f"code, so {loss_plain * len(stream) / chars:.4f} nats per character)",
+        f"in-context learning on repeated held-out code (|s| = {half} tokens): loss {first:.4f} on the first copy, "
+        f"{second:.4f} on the second (drop {first - second:.4f} nats)",
+        f"on repeated random tokens (|x| = 30): loss {rand_first:.3f} first copy, {rand_second:.3f} second copy",
+        f"previous-token heads (score > 0.4, on repeated code): {_fmt(heads_code['previous_token_head_scores'])}",
+        f"induction heads (score > 0.4, on repeated code): {_fmt(heads_code['induction_head_scores'])}",
+    ]
+    return {
+        "heldout_loss": round(loss_plain, 4),
+        "heldout_loss_definition": f"mean next-token loss (nats/token) on 256 random {N_CTX}-token windows "
+        f"(BOS + {N_CTX - 1}) of the held-out modules (data seed {HELDOUT_SEED})",
+        "measurements": {
+            "heldout_tokens": len(stream), "heldout_chars": chars,
+            "repeated_code_half_len": half,
+            "repeated_code_first_copy_loss": round(first, 4),
+            "repeated_code_second_copy_loss": round(second, 4),
+            "in_context_drop": round(first - second, 4),
+            "repeated_code_definition": f"256 rows [BOS, s, s], s = {half} consecutive held-out tokens; mean loss "
+            "of predicting s_2..s_T in the first copy vs the same tokens in the second copy",
+            "repeated_random_first_copy_loss": round(rand_first, 4),
+            "repeated_random_second_copy_loss": round(rand_second, 4),
+            "head_scores_on_repeated_random_tokens": heads_random["head_scores"],
+        },
+        **heads_code,
+        "contains": contains,
+    }
+
+
+def _losses(model: TransformerBridge, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens)
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
+def _fmt(rows: list) -> str:
+    return ", ".join(f"L{layer}H{head} {score:.3f}" for layer, head, score in rows) or "none"
+
+
+def pycode_recipe(steps: int = 6000) -> Recipe:
+    return Recipe(
+        name="attn2l-pycode",
+        summary="2-layer attention-only model trained on the Python standard library's source (byte-level BPE, "
+        "1024 tokens), with a fixed held-out set of modules.",
+        spec=ModelSpec(2, 128, 8, 16, d_vocab=VOCAB, n_ctx=N_CTX, layernorm=True),
+        steps=steps,
+        lr=2e-3,
+        batch_size=32,
+        make_data=_make_data,
+        measure=measure_pycode,
+        threads=2,
+        weight_decay=0.01,
+        data={
+            "description": "the running interpreter's stdlib .py files (circuits.tasks.code_corpus(): no tests, "
+            "site-packages, encodings, lib2to3, pydoc_data), minus the held-out modules, tokenized by a byte-level "
+            f"BPE with {VOCAB} tokens trained on the training files; rows of {N_CTX} tokens (BOS + {N_CTX - 1}); "
+            f"mix per batch: {MIX}; a repeated row is [BOS, s, s, code…] with |s| drawn per batch from "
+            f"{REPEAT_LEN[0]}..{REPEAT_LEN[1]}",
+            "mix": MIX, "repeat_len_range": list(REPEAT_LEN), "vocab_size": VOCAB,
+            "heldout_modules": "circuits.tasks.HELDOUT_MODULES",
+        },
+    )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from circuits.graph import ComputeGraph, EdgePatcher, patch_edges
+from circuits.graph.incremental import circuit_state, commit_column, evaluate_column
 from circuits.models import ModelSpec, build
 from circuits.tasks import induction_task
 
@@ -139,14 +140,34 @@ def test_incremental_column_equals_full_runs(request, task24, model_name, ablati
     gen = torch.Generator().manual_seed(0)
     g = p.graph
     mask = g.valid & (torch.rand(g.valid.shape, generator=gen) < 0.7)
-    state = p.state(mask)
+    state = circuit_state(p, mask)
     for d in range(g.n_destinations):
         columns = mask[:, d][None].repeat(4, 1) & (torch.rand(4, g.n_sources, generator=gen) < 0.6)
         masks = mask[None].repeat(4, 1, 1)
         masks[:, :, d] = columns
         full = p.run(masks)
         scale = full.abs().max().clamp(min=1.0)
-        assert ((p.evaluate_column(state, d, columns) - full).abs().max() / scale) < 1e-5
+        assert ((evaluate_column(p, state, d, columns) - full).abs().max() / scale) < 1e-5
+
+
+@pytest.mark.parametrize("model_name", ["tiny2", "mlp3"])
+def test_committed_state_equals_full_forward(request, task24, model_name):
+    """A chain of incremental commits (from the logits back, as ACDC makes them) equals a full forward of the
+    final circuit where it is read: everywhere below the last layer, at the metric positions in it."""
+    model = request.getfixturevalue(model_name)
+    p = EdgePatcher(model, task24, "resample")
+    g = p.graph
+    gen = torch.Generator().manual_seed(2)
+    state = circuit_state(p, g.valid)
+    for d in reversed(range(g.n_destinations)):
+        column = state.mask[:, d] & (torch.rand(g.n_sources, generator=gen) < 0.7)
+        state = commit_column(p, state, d, column)
+    full = circuit_state(p, state.mask)
+    assert (state.logits - full.logits).abs().max() < 1e-5
+    assert (state.sources_at - full.sources_at).abs().max() < 1e-5
+    assert (state.inputs_at - full.inputs_at).abs().max() < 1e-5
+    below = [i for i, node in enumerate(g.sources) if node.layer < g.n_layers - 1]
+    assert (state.sources[below] - full.sources[below]).abs().max() < 1e-5
 
 
 def test_batched_masks_equal_one_at_a_time(tiny2, task24):

@@ -219,7 +219,10 @@ class Run:
         return self.resid_pre[1:] + [self.final]
 
     def site(self, name: str) -> list[Tensor]:
-        """The per-layer activations of a site name (resid_pre, resid_mid, resid_post, attn_out, q, k, v, z, pattern)."""
+        """The per-layer activations of a site name.
+
+        Names: resid_pre, resid_mid, resid_post, attn_out, q, k, v, z, pattern.
+        """
         return getattr(self, name)
 
 

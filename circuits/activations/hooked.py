@@ -1,7 +1,8 @@
 """Batched patching through the bridge's hooks: the fallback for architectures the weights engine lacks.
 
 The K components of one layer run as one forward on K stacked copies of the batch, resuming at that layer
-(`start_at_layer`) from the cached residual stream; one hook writes each copy's patch (in place, as transformer_lens's own patch setters do). Hooks live in a
+(`start_at_layer`) from the cached residual stream; one hook writes each copy's patch (in place, as
+transformer_lens's own patch setters do). Hooks live in a
 `model.hooks(...)` context that also covers the metric, so they are removed whatever raises.
 """
 

@@ -44,7 +44,7 @@ def activation_patch(
     progress: bool = True,
     metric: CustomMetric | None = None,
     backend: Backend = "auto",
-    memory_mb: float = 512.0,
+    memory_mb: float | int = 512,
 ) -> PatchResult:
     """Patch each component of `site` from one run into the other and score the task's metric.
 
@@ -93,7 +93,7 @@ def activation_patch(
     )
 
 
-def _chunk_size(batch_limit: int | None, memory_mb: float, per_component_bytes: float) -> int:
+def _chunk_size(batch_limit: int | None, memory_mb: float | int, per_component_bytes: int) -> int:
     fit = max(1, int(memory_mb * 2**20 // max(per_component_bytes, 1.0)))
     return min(fit, batch_limit) if batch_limit is not None else fit
 

@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from circuits.graph.circuit import Circuit, top_edges
+from circuits.graph.incremental import CircuitState, circuit_state, commit_column, evaluate_column
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph
-from circuits.graph.patching import Ablation, CircuitState, EdgePatcher
+from circuits.graph.patching import Ablation, EdgePatcher
 from circuits.results import LabelledResult
 from circuits.tasks.task import Metric, Task
 
@@ -114,7 +115,7 @@ class _Walk:
     def __init__(self, patcher: EdgePatcher, metric: GraphMetric, threshold: float, order: str):
         self.patcher, self.metric, self.threshold, self.order = patcher, metric, threshold, order
         self.graph = patcher.graph
-        self.state: CircuitState = patcher.state(self.graph.valid.to(patcher.device))
+        self.state: CircuitState = circuit_state(patcher, self.graph.valid.to(patcher.device))
         self.loss = float(metric.loss(self.state.logits[None])[0])
         self.scores = torch.full(self.graph.valid.shape, math.nan)
         self.n_forwards, self.n_batches = 1, 1
@@ -131,26 +132,32 @@ class _Walk:
         node = self.graph.source_index_of_destination(d)
         if node is None or self.state.mask[node].any():
             return False
-        if self.state.mask[:, d].any():
+        if self.state.mask[:, d].any():  # the run cannot change: only edges into an unused node go
             mask = self.state.mask.clone()
             mask[:, d] = False
-            self._set_state(mask, recompute=False)
+            self.state = self.state.with_mask(mask)
         return True
 
     def _losses(self, d: int, columns: Bool[Tensor, "k n_src"]) -> list[float]:
         out = []
         for chunk in columns.split(self.patcher.chunk_size()):
-            out += self.metric.loss(self.patcher.evaluate_column(self.state, d, chunk)).tolist()
+            out += self.metric.loss(evaluate_column(self.patcher, self.state, d, chunk)).tolist()
             self.n_batches += 1
         self.n_forwards += columns.shape[0]
         return out
 
     def exact_destination(self, d: int) -> None:
-        """The plain algorithm's decisions for destination d, checked in speculative batches."""
+        """The plain algorithm's decisions for destination d, checked in speculative batches.
+
+        A round builds the circuits the plain algorithm would test if each decision went as guessed and
+        evaluates them together; decisions are then made in order with the plain algorithm's rule, and every
+        one up to the first wrong guess is the plain algorithm's own. Guesses: remove (ACDC circuits are
+        sparse) in the first round, then the decision implied by each edge's marginal loss rise along the
+        last round's guessed path.
+        """
         column = self.state.mask[:, d].clone()
         remaining = self.incoming(d)
-        guesses = [False] * len(remaining)  # first round: each edge removed alone
-        alone: dict[int, float] | None = None
+        guesses = [True] * len(remaining)
         while remaining:
             candidates, trial = [], column.clone()
             for s, guess in zip(remaining, guesses):
@@ -159,10 +166,12 @@ class _Walk:
                 candidates.append(candidate)
                 if guess:
                     trial = candidate
-            round_loss = self.loss
             losses = self._losses(d, torch.stack(candidates))
-            if alone is None:
-                alone = {s: loss - round_loss for s, loss in zip(remaining, losses)}
+            marginal, path_loss = [], self.loss
+            for guess, loss in zip(guesses, losses):
+                marginal.append(loss - path_loss)
+                if guess:
+                    path_loss = loss
             consumed = len(remaining)
             for i, (s, guess, loss) in enumerate(zip(remaining, guesses, losses)):
                 increase = loss - self.loss
@@ -175,7 +184,7 @@ class _Walk:
                     consumed = i + 1
                     break
             remaining = remaining[consumed:]
-            guesses = [alone[s] < self.threshold for s in remaining]
+            guesses = [m < self.threshold for m in marginal[consumed:]]
         self._commit_column(d, column)
 
     def batched_destination(self, d: int) -> None:
@@ -201,18 +210,10 @@ class _Walk:
     def _commit_column(self, d: int, column: Bool[Tensor, " n_src"]) -> bool:
         if torch.equal(column, self.state.mask[:, d]):
             return False
-        mask = self.state.mask.clone()
-        mask[:, d] = column
-        self._set_state(mask, recompute=True)
+        self.state = commit_column(self.patcher, self.state, d, column)
+        self.n_forwards += 1
+        self.n_batches += 1
         return True
-
-    def _set_state(self, mask: Bool[Tensor, "n_src n_dst"], *, recompute: bool) -> None:
-        if recompute:
-            self.state = self.patcher.state(mask)
-            self.n_forwards += 1
-            self.n_batches += 1
-        else:  # only edges into an unused node changed: the run is the same
-            self.state = CircuitState(mask, self.state.sources, self.state.inputs, self.state.logits)
 
 
 def prune_dead_ends(mask: Bool[Tensor, "n_src n_dst"], graph: ComputeGraph) -> Bool[Tensor, "n_src n_dst"]:

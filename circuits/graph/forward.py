@@ -191,9 +191,17 @@ def attend(
     k = layer_norm(x_k, ln, w.eps) @ w.W_K[layer, heads][:, None] + bk
     v = layer_norm(x_v, ln, w.eps) @ w.W_V[layer, heads][:, None] + bv
     scores = q @ k.transpose(-1, -2) / w.attn_scale
-    masked = torch.arange(x_k.shape[-2], device=q.device)[None, :] > q_pos.to(q.device)[:, None]
-    pattern = scores.masked_fill(masked, float("-inf")).softmax(-1).masked_fill(masked, 0.0)
+    # adding -inf above the diagonal equals the model's masked_fill(-inf), softmax, masked_fill(0): every
+    # query sees key 0, so no row is fully masked
+    pattern = (scores + causal_bias(q_pos.to(q.device), x_k.shape[-2], scores.dtype)).softmax(-1)
     return (pattern @ v) @ w.W_O[layer, heads][:, None]
+
+
+def causal_bias(q_pos: Int[Tensor, " nq"], n_keys: int, dtype: torch.dtype) -> Float[Tensor, "nq n_keys"]:
+    """0 where a query may attend to a key (key position <= query position), -inf elsewhere."""
+    keys = torch.arange(n_keys, device=q_pos.device)
+    return torch.zeros(len(q_pos), n_keys, dtype=dtype, device=q_pos.device).masked_fill(
+        keys[None, :] > q_pos[:, None], float("-inf"))
 
 
 def mlp(w: NativeWeights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:

@@ -12,10 +12,8 @@ is unchanged. With every edge kept this is the model's own forward; with none ke
 the ablated sources, which for resample ablation is the corrupted run.
 
 `EdgePatcher(model, task, ablation)` holds the clean and ablated source outputs; `patcher.run(masks)`
-evaluates [k, n_src, n_dst] masks in batched forwards (chunked to bound memory). `patcher.state(mask)` and
-`patcher.evaluate_column(state, d, columns)` are the incremental form used by exact ACDC: candidates that
-differ from a circuit only in the incoming edges of destination `d` recompute only the nodes whose input
-changes, along the circuit's kept edges, and only at the metric positions in the last layer.
+evaluates [k, n_src, n_dst] masks in batched forwards (chunked to bound memory). The incremental form used by
+exact ACDC is in `circuits.graph.incremental`.
 """
 
 from __future__ import annotations
@@ -75,16 +73,6 @@ class Run:
         return torch.cat(self.stage_inputs, dim=1)
 
 
-@dataclass(frozen=True, eq=False)
-class CircuitState:
-    """A circuit's unbatched run: its mask, every source's output and every destination's input."""
-
-    mask: Bool[Tensor, "n_src n_dst"]
-    sources: Float[Tensor, "n_src batch pos d_model"]
-    inputs: Float[Tensor, "n_dst batch pos d_model"]
-    logits: Float[Tensor, "batch n vocab"]
-
-
 class EdgePatcher:
     """The edge-patching engine for one model, task and ablation.
 
@@ -112,10 +100,22 @@ class EdgePatcher:
             self.clean_logits = clean.logits[0]
             self.clean_logits_full = unembed(self.weights, self.clean_inputs[-1])
             self.ablated = self._ablated_sources(task).expand_as(self.clean_sources).contiguous()
+            self.ablated_at = self.ablated[..., self.positions, :]
 
     @property
     def n_layers(self) -> int:
         return self.graph.n_layers
+
+    def stage_of(self, d: int) -> int:
+        """The index of the stage that reads destination d."""
+        return next(i for i, s in enumerate(self.stages) if s.dst.start <= d < s.dst.stop)
+
+    def at_metric_positions(self, d: int) -> bool:
+        """True for destinations read only at the metric positions: the logits, and the queries and MLP input
+        of the last layer (the last layer's outputs reach nothing but the logits)."""
+        node = self.graph.destinations[d]
+        last = node.layer >= self.n_layers - 1
+        return node.kind is NodeKind.LOGITS or (last and (node.kind is NodeKind.MLP or node.qkv == "q"))
 
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "1 2 batch pos d_model"]:
         """The embedding sources of some tokens, with a leading mask axis of 1."""
@@ -219,111 +219,6 @@ class EdgePatcher:
             raise ValueError(f"masks: expected a bool tensor [k, {shape[0]}, {shape[1]}], "
                              f"got {masks.dtype} {tuple(masks.shape)}")
         return masks.to(self.device)
-
-    # ---- the incremental form (exact ACDC) ----
-
-    def state(self, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
-        """The unbatched run of one circuit, kept for `evaluate_column`."""
-        mask = self._check_masks(mask[None])[0]
-        with torch.no_grad():
-            run = self.forward(self.embed(self.task.clean), mask[None], keep=True)
-        return CircuitState(mask.clone(), run.sources[0], run.inputs[0], run.logits[0])
-
-    def evaluate_column(
-        self, state: CircuitState, d: int, columns: Bool[Tensor, "k n_src"]
-    ) -> Float[Tensor, "k batch n vocab"]:
-        """Logits of k circuits equal to `state.mask` except for column `d` (the incoming edges of destination
-        d), which is `columns[i]` in circuit i.
-
-        Only what those edges can change is recomputed: d's node, then every node reached from it along
-        the circuit's kept edges (a removed edge carries the ablated value, which no candidate changes), and
-        in the last layer only at the metric positions. Equal (to float rounding) to `run` on the full masks.
-        """
-        w = self.weights
-        with torch.no_grad():
-            first = next(i for i, s in enumerate(self.stages) if s.dst.start <= d < s.dst.stop)
-            nb = self.stages[first].n_below
-            kept = columns[:, :nb].to(state.sources.dtype)
-            seed = kept @ state.sources[:nb].flatten(1) + (1 - kept) @ self.ablated[:nb].expand(
-                nb, *state.sources.shape[1:]).flatten(1)
-            seed = _Value(seed.unflatten(1, state.sources.shape[1:]) + self.biases[first], restricted=False)
-            changed: dict[int, _Value] = {}  # source index -> its new output in each candidate
-            for i, stage in enumerate(self.stages[first:], start=first):
-                restrict = stage.layer >= self.n_layers - 1  # the last layer matters at the metric positions only
-                if stage.kind is NodeKind.LOGITS:
-                    x = self._new_input(state, i, stage.dst.start, changed, seed, d, restrict=True)
-                    if x is None:
-                        return state.logits.expand(columns.shape[0], *state.logits.shape)
-                    return unembed(w, x)
-                if stage.kind is NodeKind.MLP:
-                    x = self._new_input(state, i, stage.dst.start, changed, seed, d, restrict=restrict)
-                    if x is not None:
-                        changed[stage.out.start] = _Value(mlp(w, stage.layer, x), restrict)
-                    continue
-                self._attention_stage(state, i, changed, seed, d, restrict)
-        raise AssertionError("unreachable: the last stage is the logits")
-
-    def _attention_stage(self, state: CircuitState, i: int, changed: dict[int, _Value], seed: _Value,
-                         d: int, restrict: bool) -> None:
-        """Recompute the heads of one layer whose q, k or v input changed; record their new outputs.
-        In the last layer (`restrict`) queries are computed at the metric positions only."""
-        stage, H = self.stages[i], self.graph.n_heads
-        heads, qkv_inputs = [], []
-        for h in range(H):
-            dsts = [stage.dst.start + j * H + h for j in range(3)]
-            xs = [self._new_input(state, i, dd, changed, seed, d, restrict=restrict and j == 0)
-                  for j, dd in enumerate(dsts)]
-            if all(x is None for x in xs):
-                continue
-            heads.append(h)
-            qkv_inputs.append([self._at(state.inputs[dd], restrict and j == 0)[None] if x is None else x
-                               for j, (dd, x) in enumerate(zip(dsts, xs))])
-        if not heads:
-            return
-        k = max(x.shape[0] for xs in qkv_inputs for x in xs)
-        stacked = [torch.stack([xs[j].expand(k, *xs[j].shape[1:]) for xs in qkv_inputs], dim=1) for j in range(3)]
-        q_pos = self.positions if restrict else torch.arange(state.inputs.shape[-2], device=self.device)
-        out = attend(self.weights, stage.layer, torch.tensor(heads, device=self.device), *stacked, q_pos)
-        for j, h in enumerate(heads):
-            changed[stage.out.start + h] = _Value(out[:, j], restrict)
-
-    def _at(self, x: Float[Tensor, "*lead pos d_model"], restrict: bool) -> Float[Tensor, "*lead p d_model"]:
-        """x at the metric positions when `restrict`, else x."""
-        return x[..., self.positions, :] if restrict else x
-
-    def _new_input(self, state: CircuitState, i: int, dst: int, changed: dict[int, _Value], seed: _Value, d: int,
-                   *, restrict: bool) -> Tensor | None:
-        """Destination dst's input in each candidate, or None when no candidate changes it (at the metric
-        positions when `restrict`). Recomputed as a sum of its terms, like `_stage_input`."""
-        if dst == d:
-            return self._at(seed.value, restrict)
-        fed = [s for s in changed if state.mask[s, dst]]
-        if not fed:
-            return None
-        nb = self.stages[i].n_below
-        kept = state.mask[:nb, dst].to(state.sources.dtype)
-        unchanged = kept.clone()
-        unchanged[fed] = 0.0
-        sources = self._at(state.sources[:nb], restrict)
-        ablated = self._at(self.ablated[:nb], restrict).expand(nb, *sources.shape[1:])
-        x = (unchanged @ sources.flatten(1) + (1 - kept) @ ablated.flatten(1)).unflatten(0, sources.shape[1:])
-        x = x + self.biases[i]
-        for s in fed:
-            value = changed[s]
-            if value.restricted and not restrict:
-                raise AssertionError("a last-layer source feeds a destination needed at every position")
-            x = x + (self._at(value.value, True) if restrict and not value.restricted else value.value)
-        return x
-
-
-@dataclass(frozen=True, eq=False)
-class _Value:
-    """A source's output (or a destination's input) in each of k candidates; `restricted` when it is given at
-    the metric positions only."""
-
-    value: Tensor
-    restricted: bool
-
 
 def _cat_sources(blocks: list[Tensor]) -> Tensor:
     """Concatenate source blocks [k_i, n_i, ...] along the source axis, broadcasting the leading axis."""

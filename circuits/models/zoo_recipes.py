@@ -91,7 +91,8 @@ def regenerate(name: str, out_dir: str | Path, *, progress: bool = True) -> dict
         "data": r.data,
         "training": {
             "steps": r.steps, "lr": r.lr, "batch_size": r.batch_size, "seed": r.seed,
-            "weight_decay": r.weight_decay, "optimizer": "AdamW(betas=(0.9, 0.98)), 5% linear warm-up, cosine to 0.1·lr",
+            "weight_decay": r.weight_decay,
+            "optimizer": "AdamW(betas=(0.9, 0.98)), 5% linear warm-up, cosine to 0.1·lr",
             "torch_threads": r.threads, "train_seconds": round(seconds, 1),
             "machine": f"{platform.machine()} CPU, torch {torch.__version__}, python {sys.version.split()[0]}",
         },

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from transformer_lens import TransformerBridge
@@ -12,17 +14,27 @@ from circuits.models.zoo_recipes import HELDOUT_SEED, Recipe, head_measurements
 # ---------------------------------------------------------------- attn2l-induction
 
 INDUCTION_VOCAB = 64
+INDUCTION_CTX = 64
 INDUCTION_HALF_LENS = (8, 31)  # each training batch draws one prefix length T in this range (inclusive)
+INDUCTION_MAX_FILLER = 20  # ... and a number m of random tokens before the first copy, 0..20
 INDUCTION_EVAL_HALF_LEN = 20
 
 
 def induction_batches(batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """Training rows [BOS, x, x] with x distinct random tokens; T drawn per batch from INDUCTION_HALF_LENS."""
+    """Training rows [BOS, r_1..r_m, x, x] truncated to 64 tokens: x distinct random tokens, r random filler.
+
+    T = |x| and m are drawn once per batch. The filler moves the repeat to a random offset, so that a
+    head cannot find the earlier copy from positions alone (without it, this model learns a positional
+    trick instead of a previous-token head).
+    """
     from circuits.tasks import repeated_random_tokens
 
     lo, hi = INDUCTION_HALF_LENS
     half_len = int(torch.randint(lo, hi + 1, (1,), generator=gen))
-    return repeated_random_tokens(batch_size, half_len, INDUCTION_VOCAB, generator=gen)
+    tokens = repeated_random_tokens(batch_size, half_len, INDUCTION_VOCAB, generator=gen)
+    m = int(torch.randint(0, INDUCTION_MAX_FILLER + 1, (1,), generator=gen))
+    filler = torch.randint(1, INDUCTION_VOCAB, (batch_size, m), generator=gen)
+    return torch.cat([tokens[:, :1], filler, tokens[:, 1:]], dim=1)[:, :INDUCTION_CTX]
 
 
 def measure_induction(model: TransformerBridge) -> dict:
@@ -44,11 +56,12 @@ def measure_induction(model: TransformerBridge) -> dict:
     loss_first = float(losses[:, first].mean())
     contains = [
         f"previous-token heads (score > {heads['head_score_threshold']}): "
-        + ", ".join(f"L{l}H{h} {s:.3f}" for l, h, s in heads["previous_token_head_scores"]),
+        + ", ".join(f"L{layer}H{h} {s:.3f}" for layer, h, s in heads["previous_token_head_scores"]),
         f"induction heads (score > {heads['head_score_threshold']}): "
-        + ", ".join(f"L{l}H{h} {s:.3f}" for l, h, s in heads["induction_head_scores"]),
+        + ", ".join(f"L{layer}H{h} {s:.3f}" for layer, h, s in heads["induction_head_scores"]),
         f"second copy predicted with loss {loss_second:.4f} nats and top-1 accuracy {acc_second:.4f} "
-        f"(first copy: loss {loss_first:.3f}, chance is ln({INDUCTION_VOCAB - 1 - half_len // 2}) or so)",
+        f"(first copy: loss {loss_first:.3f}; a uniform guess over the {INDUCTION_VOCAB - 1} non-BOS tokens scores "
+        f"ln {INDUCTION_VOCAB - 1} = {math.log(INDUCTION_VOCAB - 1):.3f})",
     ]
     return {
         "heldout_loss": round(loss_all, 4),
@@ -69,20 +82,23 @@ def measure_induction(model: TransformerBridge) -> dict:
 def induction_recipe():
     return Recipe(
         name="attn2l-induction",
-        summary="2-layer attention-only model trained on random token sequences repeated once ([BOS, x, x]); "
+        summary="2-layer attention-only model trained on random token sequences repeated once ([BOS, r, x, x]); "
         "it forms previous-token heads in layer 0 and induction heads in layer 1.",
-        spec=ModelSpec(2, 64, 4, 16, d_vocab=INDUCTION_VOCAB, n_ctx=64, layernorm=True),
-        steps=1500,
+        spec=ModelSpec(2, 64, 4, 16, d_vocab=INDUCTION_VOCAB, n_ctx=INDUCTION_CTX, layernorm=True),
+        steps=2000,
         lr=2e-3,
         batch_size=64,
         make_data=lambda: (induction_batches, None),
         measure=measure_induction,
         data={
-            "description": f"[BOS, x_1..x_T, x_1..x_T], x distinct tokens drawn uniformly from 1..{INDUCTION_VOCAB - 1}"
-            f" (token 0 is BOS), T drawn per batch uniformly from {INDUCTION_HALF_LENS[0]}..{INDUCTION_HALF_LENS[1]};"
-            " loss on every position",
-            "generator": "circuits.tasks.repeated_random_tokens(batch, T, 64, generator=gen)",
+            "description": f"[BOS, r_1..r_m, x_1..x_T, x_1..x_T] truncated to {INDUCTION_CTX} tokens: x distinct "
+            f"tokens drawn uniformly from 1..{INDUCTION_VOCAB - 1} (token 0 is BOS), r uniform random filler; "
+            f"T uniform in {INDUCTION_HALF_LENS[0]}..{INDUCTION_HALF_LENS[1]} and m uniform in "
+            f"0..{INDUCTION_MAX_FILLER}, drawn per batch; loss on every position. Evaluation uses plain [BOS, x, x] "
+            "(circuits.tasks.induction_task / repeated_random_tokens with d_vocab 64).",
+            "generator": "circuits.models.zoo_synthetic.induction_batches",
             "d_vocab": INDUCTION_VOCAB, "bos": 0, "half_len_range": list(INDUCTION_HALF_LENS),
+            "max_filler": INDUCTION_MAX_FILLER,
         },
     )
 
@@ -136,25 +152,29 @@ def measure_bigram(model: TransformerBridge) -> dict:
     true_logp = p.log()[tokens[:, :-1]]
     kl = float((true_logp.exp() * (true_logp - model_logp)).sum(-1).mean())
     top1 = float((logits[:, :-1].argmax(-1) == chain.likeliest_next()[tokens[:, :-1]]).float().mean())
+    chain_loss = float(-true_logp.gather(-1, tokens[:, 1:, None]).mean())
     return {
         "heldout_loss": round(loss, 4),
         "heldout_loss_definition": f"mean next-token loss on 256 fresh chain samples of length {MARKOV_LEN} "
-        f"(data seed {HELDOUT_SEED}); the chain's entropy rate (the best possible) is {entropy_rate:.4f}",
+        f"(data seed {HELDOUT_SEED}); the true chain's loss on the same tokens (the best possible) is {chain_loss:.4f}",
         "measurements": {
             "bigram_correlation": round(corr, 4),
             "bigram_correlation_definition": "Pearson correlation of W_E W_U with log(transition), both centred "
             "per row (current token) then flattened over all 64 x 64 entries",
             "bigram_correlation_double_centred": round(corr2, 4),
             "entropy_rate": round(entropy_rate, 4),
+            "chain_heldout_loss": round(chain_loss, 4),
             "kl_to_chain": round(kl, 4),
             "kl_to_chain_definition": "mean over held-out positions of KL(chain's next-token distribution || model's)",
             "likeliest_next_accuracy": round(top1, 4),
         },
         "previous_token_heads": [], "induction_heads": [],
         "contains": [
-            f"the bigram statistics of the chain in its direct path: W_E W_U correlates {corr:.4f} with log(transition) "
+            "the bigram statistics of the chain in its direct path: "
+            f"W_E W_U correlates {corr:.4f} with log(transition) "
             f"(row-centred; {corr2:.4f} double-centred)",
-            f"held-out loss {loss:.4f} nats vs the chain's entropy rate {entropy_rate:.4f}; KL to the chain {kl:.4f}",
+            f"held-out loss {loss:.4f} nats vs {chain_loss:.4f} for the true chain on the same tokens (entropy rate "
+            f"{entropy_rate:.4f}); mean KL to the chain {kl:.4f}",
             f"top-1 prediction is the chain's likeliest successor {top1:.1%} of the time",
         ],
     }
@@ -166,19 +186,23 @@ def bigram_recipe() -> Recipe:
         summary="0-layer model (embed → unembed, no LayerNorm) trained on a Markov chain with a known transition "
         "matrix: its direct path W_E W_U is the chain's log transition matrix up to a constant per row.",
         spec=ModelSpec(0, 64, 1, 64, d_vocab=MARKOV["n_states"], n_ctx=MARKOV_LEN, layernorm=False),
-        steps=1500,
-        lr=5e-3,
-        batch_size=64,
+        steps=3000,
+        lr=1e-2,
+        batch_size=128,
         make_data=lambda: ((lambda b, gen: _chain().sample(b, MARKOV_LEN, generator=gen)), None),
         measure=measure_bigram,
         data={
             "description": f"sequences of {MARKOV_LEN} states of a random Markov chain over 64 tokens (no BOS): each "
             "state has 6 likely successors (Dirichlet(1) weights, mass 0.95) and 0.05 spread uniformly; the first "
             "state is drawn from the stationary distribution",
-            "generator": "circuits.tasks.markov_chain(64, support=6, floor=0.05, seed=0).sample(batch, 32, generator=gen)",
+            "generator": "circuits.tasks.markov_chain(64, support=6, floor=0.05, seed=0)"
+            ".sample(batch, 32, generator=gen)",
             **MARKOV, "seq_len": MARKOV_LEN,
         },
-        notes=["0-layer models are built by booting a 1-layer bridge and removing its block (see circuits.models.build)"],
+        notes=[
+            "0-layer models are built by booting a 1-layer bridge and removing its block "
+            "(see circuits.models.build)"
+        ],
     )
 
 
@@ -230,7 +254,8 @@ def measure_skip_trigram(model: TransformerBridge) -> dict:
         "skip_trigram_heads": heads,
         "previous_token_heads": [], "induction_heads": [],
         "contains": [
-            f"the planted skip-trigrams A … B → C: C predicted at B with top-1 accuracy {accuracy:.4f}, loss {loss_c:.4f} nats",
+            "the planted skip-trigrams A … B → C: C predicted at B with "
+            f"top-1 accuracy {accuracy:.4f}, loss {loss_c:.4f} nats",
             "heads attending from B to A (score > 0.4, the mean attention B → A): "
             + (", ".join(f"L0H{h} {s:.3f}" for _, h, s in heads) or "none"),
         ],

@@ -9,7 +9,8 @@ Because ‖W·M‖_F = ‖R·M‖_F whenever RᵀR = WᵀW, the triangular squar
 d_head × d_head Gram matrices (W_V of the earlier head, Yᵀ of the later one; Cholesky, or a thin QR when
 singular) reduce the norms to those of R·W_O [k, d_model] and X·R'ᵀ [d_model, k], k = min(d_head, d_model).
 All pairs then come from one [earlier heads·k, d_model] × [d_model, heads·k] product per later layer, whose
-k×k blocks are summed in squares. No d_model × d_model matrix is formed.
+k×k blocks are summed in squares (or, when d_model < k², from ⟨ÃᵀÃ, B̃B̃ᵀ⟩ with one d_model × d_model Gram
+matrix per head). No d_model × d_model product is formed per pair.
 """
 
 from __future__ import annotations
@@ -127,20 +128,58 @@ def _right_factors(model: TransformerBridge, kind: str, fold_layernorm: bool) ->
     return _right_factor(W_K, W_Q.transpose(-2, -1))
 
 
+class _EarlierHeads:
+    """The earlier heads' side of every pair: Ã [layer, head, k, d_model], its norms, and (on demand) ÃᵀÃ."""
+
+    def __init__(self, left: Float[Tensor, "layer head k d_model"]):
+        self.factor = left
+        self.norm = left.pow(2).sum((-2, -1)).sqrt()
+        self._gram: Tensor | None = None
+
+    @property
+    def gram(self) -> Float[Tensor, "layer head dm2"]:
+        """ÃᵀÃ per head, flattened [layer, head, d_model²]: ‖Ã·B̃‖² = ⟨ÃᵀÃ, B̃B̃ᵀ⟩ (one d_model² matrix per head)."""
+        if self._gram is None:
+            self._gram = (self.factor.transpose(-2, -1) @ self.factor).flatten(-2)
+        return self._gram
+
+
+def _use_gram(left: Tensor, right: Tensor) -> bool:
+    """Whether per-head d_model × d_model Gram matrices cost fewer flops than the k × k pair blocks."""
+    L, H, k, dm = left.shape
+    k2 = right.shape[-1]
+    pairs = H * H * L * (L - 1) // 2
+    blocks = pairs * k * dm * k2
+    gram = L * H * dm * dm * (k + k2) + pairs * dm * dm
+    return gram < blocks
+
+
 def _pair_scores(
-    left: Float[Tensor, "layer head k d_model"], right: Float[Tensor, "layer head d_model k2"]
+    earlier: _EarlierHeads, right: Float[Tensor, "layer head d_model k2"], method: str = "auto"
 ) -> Float[Tensor, "layer head layer head"]:
-    """‖Ã_a·B̃_b‖ / (‖Ã_a‖ ‖B̃_b‖) for layer_a < layer_b, 0 elsewhere; one matmul per later layer."""
+    """‖Ã_a·B̃_b‖ / (‖Ã_a‖ ‖B̃_b‖) for layer_a < layer_b, 0 elsewhere; one matmul per later layer.
+
+    method "blocks": the k × k blocks Ã_a·B̃_b from [earlier heads·k, d_model] × [d_model, heads·k], summed in
+    squares (cost ∝ pairs·k²·d_model); "gram": ⟨ÃᵀÃ, B̃B̃ᵀ⟩ from per-head d_model² Gram matrices (cost ∝
+    heads·d_model²·k + pairs·d_model², cheaper when d_model < k²); "auto" picks the cheaper.
+    """
+    check_choice("method", method, ("auto", "blocks", "gram"))
+    left = earlier.factor
     L, H, k, _ = left.shape
+    if method == "auto":
+        method = "gram" if _use_gram(left, right) else "blocks"
     scores = left.new_zeros(L, H, L, H)
-    left_norm = left.pow(2).sum((-2, -1)).sqrt()
     right_norm = right.pow(2).sum((-2, -1)).sqrt()
     for lb in range(1, L):
-        a = einops.rearrange(left[:lb], "la ha k m -> (la ha k) m")
-        b = einops.rearrange(right[lb], "hb m k2 -> m (hb k2)")
-        blocks = einops.rearrange(a @ b, "(la ha k) (hb k2) -> la ha hb k k2", la=lb, ha=H, hb=H)
-        numer = blocks.pow(2).sum((-2, -1)).sqrt()
-        scores[:lb, :, lb, :] = numer / left_norm[:lb, :, None] / right_norm[lb][None, None, :]
+        if method == "blocks":
+            a = einops.rearrange(left[:lb], "la ha k m -> (la ha k) m")
+            b = einops.rearrange(right[lb], "hb m k2 -> m (hb k2)")
+            blocks = einops.rearrange(a @ b, "(la ha k) (hb k2) -> la ha hb k k2", la=lb, ha=H, hb=H)
+            numer = blocks.pow(2).sum((-2, -1)).sqrt()
+        else:
+            t = (right[lb] @ right[lb].transpose(-2, -1)).flatten(-2)  # [hb, d_model²]
+            numer = einops.einsum(earlier.gram[:lb], t, "la ha n, hb n -> la ha hb").clamp(min=0).sqrt()
+        scores[:lb, :, lb, :] = numer / earlier.norm[:lb, :, None] / right_norm[lb][None, None, :]
     return scores
 
 
@@ -174,6 +213,7 @@ def composition_scores(
     fold_layernorm: bool = True,
     baseline_samples: int = 256,
     seed: int = 0,
+    method: str = "auto",
 ) -> CompositionScores:
     """Composition scores of `kind` ("Q", "K" or "V") for every head pair, [layer_a, head_a, layer_b, head_b].
 
@@ -181,28 +221,35 @@ def composition_scores(
     W_V (as `process_weights(fold_ln=True)` would), so the scores describe the matrices the model applies;
     `fold_layernorm=False` uses the raw weights and equals `model.all_composition_scores(kind)` of
     transformer_lens. The baseline (see `composition_baseline`) is measured with `baseline_samples`
-    random pairs from `seed`. Example: `composition_scores(model, "K").top_pairs(3)`
+    random pairs from `seed`. `method` ("auto", "blocks", "gram") picks how the pairs' norms are computed
+    (same result; see `_pair_scores`). Example: `composition_scores(model, "K").top_pairs(3)`
     """
     check_choice("kind", kind, KINDS)
+    check_choice("method", method, ("auto", "blocks", "gram"))
     require_attention(model, "composition_scores")
     with torch.no_grad():
-        W_V = read_weights(model, "W_V", fold_layernorm)
-        left = _left_factor(W_V, stacked(model, "W_O"))
-        scores = _pair_scores(left, _right_factors(model, kind, fold_layernorm))
+        earlier = _EarlierHeads(_left_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O")))
+        scores = _pair_scores(earlier, _right_factors(model, kind, fold_layernorm), method)
     return _result(model, kind, scores, fold_layernorm, baseline_samples, seed)
 
 
 def all_composition_scores(
-    model: TransformerBridge, *, fold_layernorm: bool = True, baseline_samples: int = 256, seed: int = 0
+    model: TransformerBridge,
+    *,
+    fold_layernorm: bool = True,
+    baseline_samples: int = 256,
+    seed: int = 0,
+    method: str = "auto",
 ) -> dict[str, CompositionScores]:
     """`composition_scores` for "Q", "K" and "V" at once, sharing the earlier heads' factors.
 
     Same arguments and defaults as `composition_scores`. Example: `all_composition_scores(model)["V"].scores`
     """
+    check_choice("method", method, ("auto", "blocks", "gram"))
     require_attention(model, "all_composition_scores")
     with torch.no_grad():
-        left = _left_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O"))
-        scores = {kind: _pair_scores(left, _right_factors(model, kind, fold_layernorm)) for kind in KINDS}
+        earlier = _EarlierHeads(_left_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O")))
+        scores = {kind: _pair_scores(earlier, _right_factors(model, kind, fold_layernorm), method) for kind in KINDS}
     return {kind: _result(model, kind, s, fold_layernorm, baseline_samples, seed) for kind, s in scores.items()}
 
 

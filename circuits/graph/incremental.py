@@ -1,0 +1,171 @@
+"""Incremental edge patching: evaluate circuits that differ from a known one in one destination's edges.
+
+ACDC tests circuits that differ from the current one only in the incoming edges of one destination d
+(one column of the mask). Such a candidate changes nothing below d's layer (the shared prefix) and,
+above it, only the nodes reached from d's node along the circuit's kept edges: a removed edge carries the
+ablated value, which no candidate changes. `evaluate_column` recomputes exactly those nodes for k
+candidates at once; the last layer is computed at the metric positions only (its outputs reach nothing
+but the logits there). `commit_column` applies one candidate to the state the same way.
+
+A `CircuitState` holds one circuit's run. The outputs and inputs of the last layer are kept current at the
+metric positions only (elsewhere they are never read); everything below is kept at every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from circuits.graph.forward import attend, mlp, unembed
+from circuits.graph.nodes import NodeKind
+from circuits.graph.patching import EdgePatcher
+
+
+@dataclass(frozen=True, eq=False)
+class CircuitState:
+    """One circuit's run: its mask, every source's output and destination's input (also at the metric
+    positions: `sources_at`, `inputs_at`), and its logits at the metric positions."""
+
+    mask: Bool[Tensor, "n_src n_dst"]
+    sources: Float[Tensor, "n_src batch pos d_model"]
+    inputs: Float[Tensor, "n_dst batch pos d_model"]
+    logits: Float[Tensor, "batch n vocab"]
+    sources_at: Float[Tensor, "n_src batch n d_model"]
+    inputs_at: Float[Tensor, "n_dst batch n d_model"]
+
+    def with_mask(self, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
+        """The same run under another mask (for changes that cannot alter it, e.g. edges into unused nodes)."""
+        return CircuitState(mask, self.sources, self.inputs, self.logits, self.sources_at, self.inputs_at)
+
+
+def circuit_state(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
+    """The run of one circuit by a full patched forward. Example: `circuit_state(p, p.graph.valid)`"""
+    mask = patcher._check_masks(mask[None])[0]
+    with torch.no_grad():
+        run = patcher.forward(patcher.embed(patcher.task.clean), mask[None], keep=True)
+    sources, inputs = run.sources[0], run.inputs[0]
+    pos = patcher.positions
+    return CircuitState(mask.clone(), sources, inputs, run.logits[0], sources[..., pos, :], inputs[..., pos, :])
+
+
+def evaluate_column(
+    patcher: EdgePatcher, state: CircuitState, d: int, columns: Bool[Tensor, "k n_src"]
+) -> Float[Tensor, "k batch n vocab"]:
+    """Logits of k circuits equal to `state.mask` except that the incoming edges of destination d are
+    `columns[i]` in circuit i. Equal (to float rounding) to `patcher.run` on the full masks."""
+    with torch.no_grad():
+        return _Propagation(patcher, state, d, columns.to(patcher.device)).run()
+
+
+def commit_column(
+    patcher: EdgePatcher, state: CircuitState, d: int, column: Bool[Tensor, " n_src"]
+) -> CircuitState:
+    """The state of the circuit `state.mask` with column d set to `column`, updated incrementally."""
+    column = column.to(patcher.device)
+    with torch.no_grad():
+        prop = _Propagation(patcher, state, d, column[None])
+        logits = prop.run()
+        sources, inputs = state.sources.clone(), state.inputs.clone()
+        pos = patcher.positions
+        for s, (value, restricted) in prop.outputs.items():
+            _write(sources[s], value[0], restricted, pos)
+        for dst, value in prop.new_inputs.items():
+            _write(inputs[dst], value[0], patcher.at_metric_positions(dst), pos)
+    mask = state.mask.clone()
+    mask[:, d] = column
+    return CircuitState(mask, sources, inputs, logits[0], sources[..., pos, :], inputs[..., pos, :])
+
+
+def _write(target: Tensor, value: Tensor, restricted: bool, positions: Tensor) -> None:
+    if restricted:
+        target[..., positions, :] = value
+    else:
+        target.copy_(value)
+
+
+class _Propagation:
+    """One incremental evaluation of k candidates that differ from `state` in column d."""
+
+    def __init__(self, patcher: EdgePatcher, state: CircuitState, d: int, columns: Tensor):
+        self.p, self.state, self.d, self.columns = patcher, state, d, columns
+        self.outputs: dict[int, tuple[Tensor, bool]] = {}  # source -> (new output [k, batch, P, d], restricted)
+        self.new_inputs: dict[int, Tensor] = {}  # destination -> its new input [k, batch, P, d]
+
+    def run(self) -> Tensor:
+        p, w = self.p, self.p.weights
+        first = p.stage_of(self.d)
+        for i, stage in enumerate(p.stages[first:], start=first):
+            if stage.kind is NodeKind.LOGITS:
+                x = self.input_of(i, stage.dst.start)
+                if x is None:
+                    return self.state.logits.expand(self.columns.shape[0], *self.state.logits.shape)
+                return unembed(w, x)
+            if stage.kind is NodeKind.MLP:
+                x = self.input_of(i, stage.dst.start)
+                if x is not None:
+                    self.outputs[stage.out.start] = (mlp(w, stage.layer, x), p.at_metric_positions(stage.dst.start))
+                continue
+            self.attention(i)
+        raise AssertionError("unreachable: the last stage is the logits")
+
+    def attention(self, i: int) -> None:
+        """Recompute the heads of one layer whose q, k or v input changed."""
+        p, stage, H = self.p, self.p.stages[i], self.p.graph.n_heads
+        heads, inputs = [], []
+        for h in range(H):
+            dsts = [stage.dst.start + j * H + h for j in range(3)]
+            xs = [self.input_of(i, dst) for dst in dsts]
+            if all(x is None for x in xs):
+                continue
+            heads.append(h)
+            inputs.append([self.current_input(dst)[None] if x is None else x for dst, x in zip(dsts, xs)])
+        if not heads:
+            return
+        k = max(x.shape[0] for xs in inputs for x in xs)
+        q, key, v = (torch.stack([xs[j].expand(k, *xs[j].shape[1:]) for xs in inputs], dim=1) for j in range(3))
+        restricted = p.at_metric_positions(stage.dst.start)  # the layer's first q input
+        q_pos = p.positions if restricted else torch.arange(key.shape[-2], device=p.device)
+        out = attend(p.weights, stage.layer, torch.tensor(heads, device=p.device), q, key, v, q_pos)
+        for j, h in enumerate(heads):
+            self.outputs[stage.out.start + h] = (out[:, j], restricted)
+
+    def current_input(self, dst: int) -> Tensor:
+        at = self.p.at_metric_positions(dst)
+        return self.state.inputs_at[dst] if at else self.state.inputs[dst]
+
+    def current_output(self, s: int, at: bool) -> Tensor:
+        return self.state.sources_at[s] if at else self.state.sources[s]
+
+    def input_of(self, i: int, dst: int) -> Tensor | None:
+        """Destination dst's input in each candidate, or None where no candidate changes it."""
+        at = self.p.at_metric_positions(dst)
+        if dst == self.d:
+            x = self.seed(i, at)
+        else:
+            fed = [s for s in self.outputs if self.state.mask[s, dst]]
+            if not fed:
+                return None
+            base = self.current_input(dst)
+            for s in fed:
+                base = base - self.current_output(s, at)
+            x = base
+            for s in fed:
+                value, restricted = self.outputs[s]
+                if restricted and not at:
+                    raise AssertionError("a last-layer source feeds a destination read at every position")
+                x = x + (value[..., self.p.positions, :] if at and not restricted else value)
+        self.new_inputs[dst] = x
+        return x
+
+    def seed(self, i: int, at: bool) -> Tensor:
+        """The candidates' input of d: bias + Σ kept sources + Σ ablated values of removed ones, each summed as
+        it is (a destination that keeps few edges is not a small difference of large sums)."""
+        nb = self.p.stages[i].n_below
+        sources = (self.state.sources_at if at else self.state.sources)[:nb]
+        ablated = (self.p.ablated_at if at else self.p.ablated)[:nb]
+        kept = self.columns[:, :nb].to(sources.dtype)
+        x = kept @ sources.flatten(1) + (1 - kept) @ ablated.flatten(1)
+        return x.unflatten(1, sources.shape[1:]) + self.p.biases[i]

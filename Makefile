@@ -35,7 +35,7 @@ bench: setup
 		--benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-disable-gc
 
 bench-full: setup
-	$(PY) -m bench.table --out bench/latest.json --readme README.md
+	$(PY) -m bench.table --out bench/latest.json --readme README.md --readme docs/performance.md
 
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet

@@ -1,6 +1,6 @@
 """Run the benchmark suite and print the table of ratios (reference time / our time) with peak memory.
 
-    python -m bench.table [--short] [--out bench/latest.json] [--readme README.md] [-k EXPR]
+    python -m bench.table [--short] [--out bench/latest.json] [--readme README.md ...] [-k EXPR]
 
 Every group in bench/ holds one `ours` and one `reference` benchmark (see bench/conftest.py). The table is
 written as JSON and, with --readme, replaces the block between the README's `<!-- bench:start -->` and
@@ -85,7 +85,7 @@ def machine_description() -> str:
 
 def replace_block(text: str, block: str) -> str:
     if START not in text or END not in text:
-        raise ValueError(f"README: markers {START} and {END} not found")
+        raise ValueError(f"markers {START} and {END} not found in the page given to --readme")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{block}\n{END}{tail}"
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="small shapes, few rounds (CI's mode)")
     parser.add_argument("--out", type=Path, default=Path("bench/latest.json"))
-    parser.add_argument("--readme", type=Path, help="replace the README's benchmark block")
+    parser.add_argument("--readme", type=Path, action="append", default=[],
+                        help="replace the benchmark block of this markdown file (repeatable)")
     parser.add_argument("-k", dest="select", help="pytest -k expression")
     args = parser.parse_args(argv)
     rows = ratio_table(run_suite(args.short, args.select))
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps({"date": date, "machine": machine, "rows": rows}, indent=2) + "\n")
     table = markdown(rows, machine, date)
     print(table)
-    if args.readme:
-        args.readme.write_text(replace_block(args.readme.read_text(), table))
+    for page in args.readme:
+        page.write_text(replace_block(page.read_text(), table))
 
 
 if __name__ == "__main__":

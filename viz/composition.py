@@ -126,11 +126,19 @@ def _add_score_panel(fig: go.Figure, p: dict[str, Any], kind: str, *, row: int, 
     colour = {"colorscale": SEQUENTIAL, "zmin": 0.0, "zmax": max(top, base),
               "colorbar": {"title": {"text": "score"}, "x": x_end + 0.005, "xanchor": "left", "len": y1 - y0,
                            "y": (y0 + y1) / 2, "thickness": 10,
-                           "tickvals": [0.0, base, max(top, base)],
-                           "ticktext": ["0", "baseline", f"{max(top, base):.3g}"]}}
+                           **_colourbar_ticks(base, max(top, base))}}
     fig.add_trace(heatmap(p["scores"], p["rows"], p["cols"], row_dim="earlier head", col_dim="later head",
                           name=kind, value_name="score", colour=colour), row=row, col=col)
     _pair_axes(fig, p, row=row, col=col, x_title=False)
+
+
+def _colourbar_ticks(base: float, top: float) -> dict[str, list]:
+    """Ticks 0, "baseline" and the maximum; the maximum's tick is left out when it would overlap the baseline's."""
+    vals, text = [0.0, base], ["0", "baseline"]
+    if top > 0 and (top - base) / top > 0.15:
+        vals.append(top)
+        text.append(f"{top:.3g}")
+    return {"tickvals": vals, "ticktext": text}
 
 
 def _baseline_text(p: dict[str, Any]) -> str:

@@ -6,9 +6,10 @@ For each model it names a previous-token head and an induction head three times,
 - **weights**: the head pair with the largest K-composition z-score, and `classify_heads`;
 - **activations**: the layer-0 and layer-1 heads whose output, patched from the corrupted run into the clean run
   (noising), costs the most of the metric; with denoising, attribution patching and DLA beside it;
-- **discovery**: the edge from a layer-0 head into a layer-1 head's k input that ACDC keeps with the largest
-  score (EAP and EAP-IG rankings beside it);
-then says where the lenses agree. Writes `report.html` and `summary.json` under `--out`.
+- **discovery**: the edge from a layer-0 head into a layer-1 head's k input that ACDC, run on the task's metric,
+  keeps with the largest score (ACDC on KL, EAP and EAP-IG beside it);
+then says, with numbers, where the lenses agree and where they do not.
+Writes `report.html` and `summary.json` under `--out`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformer_lens import TransformerBridge
 
 from analyses.common import load_model, pearson, resolve_device
@@ -32,6 +34,7 @@ from viz import Section, draw_composition, draw_dla, draw_result, report
 from viz.circuit import draw_circuit
 
 DEFAULT_MODELS = ("attn2l-induction", "attn2l-pycode")
+KL_THRESHOLD = 0.02  # ACDC on KL, run beside the task-metric ACDC for comparison
 
 
 @dataclass
@@ -65,8 +68,8 @@ def weights_lens(model: TransformerBridge) -> tuple[Lens, list[Section]]:
     })
     text = (f"K-composition ranks {prev} → {ind} first, z = {top[0][2]:.1f} against random matrices of the same "
             f"shapes (baseline {comps['K'].baseline.mean:.3f} ± {comps['K'].baseline.std:.3f}). From weights "
-            f"alone, classify_heads calls {lens.evidence['classified']['previous_token'] or 'no head'} previous-token "
-            f"and {lens.evidence['classified']['induction'] or 'no head'} induction heads.")
+            f"alone, classify_heads calls {', '.join(lens.evidence['classified']['previous_token']) or 'no head'} "
+            f"previous-token and {', '.join(lens.evidence['classified']['induction']) or 'no head'} induction heads.")
     figures = [draw_composition(comps), draw_result(labels, title="weight signatures per head")]
     return lens, [Section("Weights: composition and head signatures", text, figures)]
 
@@ -103,40 +106,67 @@ def activations_lens(model: TransformerBridge, task: Task) -> tuple[Lens, list[S
     return lens, [Section("Activations: patching, attribution and DLA", text, figures)]
 
 
+def metric_gap(model: TransformerBridge, task: Task) -> float:
+    """The task metric's clean − corrupted difference: the scale that the ACDC threshold is a fraction of."""
+    with torch.no_grad():
+        return float(task.score(model(task.clean)) - task.score(model(task.corrupted)))
+
+
+def k_edges_from_layer0(g) -> list[tuple[str, str, float]]:
+    """The kept edges from a layer-0 head's output into a layer-1 head's k input, strongest first."""
+    edges = [(u, v.split(".")[0], float(d["score"])) for u, v, d in g.edges(data=True)
+             if d.get("kind") == "residual" and d.get("qkv") == "k"
+             and g.nodes[u]["kind"] == "head" and g.nodes[u]["layer"] == 0 and g.nodes[v]["layer"] == 1]
+    return sorted(edges, key=lambda e: -abs(e[2]))
+
+
 def discovery_lens(model: TransformerBridge, task: Task, threshold: float) -> tuple[Lens, list[Section]]:
-    """ACDC (KL, resample ablation) and the EAP / EAP-IG rankings, with faithfulness."""
-    found = acdc(model, task, threshold=threshold, metric="kl", ablation="resample", progress=False)
+    """ACDC on the task's metric (resample ablation) and the EAP / EAP-IG rankings, with faithfulness.
+
+    The lens names the strongest kept edge from a layer-0 head into a layer-1 head's k input (the composition
+    an induction circuit needs). ACDC judges edges by the task's own metric, as the activations lens does, with
+    `threshold` a fraction of the clean − corrupted gap; ACDC on KL to the clean run is run beside it.
+    """
+    gap = metric_gap(model, task)
+    found = acdc(model, task, threshold=threshold * abs(gap), metric=task.metric, ablation="resample",
+                 progress=False)
+    by_kl = acdc(model, task, threshold=KL_THRESHOLD, metric="kl", ablation="resample", progress=False)
     g = found.graph
-    k_edges = [(u, v, d["score"]) for u, v, d in g.edges(data=True)
-               if d.get("kind") == "residual" and d.get("qkv") == "k"
-               and g.nodes[u]["kind"] == "head" and g.nodes[u]["layer"] == 0 and g.nodes[v]["layer"] == 1]
-    prev = ind = None
-    if k_edges:
-        u, v, _ = max(k_edges, key=lambda e: e[2])
-        prev, ind = u, v.split(".")[0]
+    k_edges, kl_edges = k_edges_from_layer0(g), k_edges_from_layer0(by_kl.graph)
+    prev, ind = (k_edges[0][0], k_edges[0][1]) if k_edges else (None, None)
     acdc_faith = faithfulness(model, task, g).normalised
+    kl_faith = faithfulness(model, task, by_kl.graph).normalised
     scores = {"eap": eap(model, task), "eap-ig": eap(model, task, ig_steps=8)}
     curves = {}
     for name, s in scores.items():
         curves[name] = {n: round(float(faithfulness(model, task, s.top_n(n), ablation="resample").normalised), 4)
                         for n in (8, 16, 32)}
     lens = Lens(prev, ind, {
-        "acdc_threshold": threshold,
+        "acdc_metric": task.metric.value,
+        "acdc_threshold": {"fraction_of_gap": threshold, "gap": round(gap, 4), "absolute": threshold * abs(gap)},
         "acdc_edges": int(found.info["n_edges"]),
         "acdc_forwards": int(found.n_forwards),
         "acdc_faithfulness": round(float(acdc_faith), 4),
-        "acdc_k_edges_from_layer0": [[u, v, round(float(s), 5)] for u, v, s in k_edges],
+        "acdc_k_edges_from_layer0": [[u, v, round(s, 5)] for u, v, s in k_edges],
+        "acdc_kl": {"threshold": KL_THRESHOLD, "edges": int(by_kl.info["n_edges"]),
+                    "faithfulness": round(float(kl_faith), 4),
+                    "k_edges_from_layer0": [[u, v, round(s, 5)] for u, v, s in kl_edges]},
         "top_n_faithfulness": curves,
         "eap_top5": [[list(k), round(v, 5)] for k, v in scores["eap"].top(5)],
         "eap_ig_top5": [[list(k), round(v, 5)] for k, v in scores["eap-ig"].top(5)],
     })
     edge = f"{prev} → {ind}.k" if prev else "no layer-0 head → layer-1 k edge"
-    text = (f"ACDC (KL to the clean run, resample ablation, threshold {threshold}) keeps {lens.evidence['acdc_edges']} "
-            f"edges in {lens.evidence['acdc_forwards']} evaluated circuits; the circuit alone recovers "
-            f"{acdc_faith:.2f} of the normalised metric and contains {edge}. The top 8 / 16 / 32 edges by EAP recover "
-            f"{' / '.join(str(v) for v in curves['eap'].values())}, by EAP-IG "
+    kl_edge = f"{kl_edges[0][0]} → {kl_edges[0][1]}.k" if kl_edges else "none"
+    text = (f"ACDC on the task's {task.metric.value} (resample ablation, threshold {threshold:g} of the clean − "
+            f"corrupted gap of {gap:.2f}) keeps {lens.evidence['acdc_edges']} edges after "
+            f"{lens.evidence['acdc_forwards']} evaluated circuits; the circuit alone recovers {acdc_faith:.2f} of the "
+            f"normalised metric, and its strongest layer-0 → layer-1 k edge is {edge}. ACDC on KL to the clean run "
+            f"(threshold {KL_THRESHOLD}) keeps {lens.evidence['acdc_kl']['edges']} edges (faithfulness "
+            f"{kl_faith:.2f}); its strongest such edge is {kl_edge}. The top 8 / 16 / 32 edges by EAP recover "
+            f"{' / '.join(str(v) for v in curves['eap'].values())} of the metric, by EAP-IG "
             f"{' / '.join(str(v) for v in curves['eap-ig'].values())}.")
-    return lens, [Section("Discovery: ACDC and EAP", text, [draw_circuit(g)])]
+    figures = [draw_circuit(g, title=f"ACDC circuit ({task.metric.value}, {lens.evidence['acdc_edges']} edges)")]
+    return lens, [Section("Discovery: ACDC and EAP", text, figures)]
 
 
 def agreement(lenses: dict[str, Lens]) -> dict[str, Any]:
@@ -158,6 +188,32 @@ def agreement_text(model_name: str, agree: dict[str, Any]) -> str:
     return f"On {model_name}: " + " ".join(lines)
 
 
+def disagreement_text(lenses: dict[str, Lens]) -> str:
+    """Where the lenses' finer readings part ways: runner-up heads, the KL variant of ACDC, the labelled sets."""
+    w, a, d = (lenses[k].evidence for k in ("weights", "activations", "discovery"))
+    top = w["top_k_composition_by_zscore"]
+    parts = [f"Margins: the top K-composition pair {top[0][0]} → {top[0][1]} has z = {top[0][2]:.1f}, the next "
+             f"{top[1][0]} → {top[1][1]} z = {top[1][2]:.1f}."]
+    cost = sorted(((v, k) for k, v in a["noising_cost"].items() if k.startswith("L1")), reverse=True)
+    if len(cost) > 1:
+        parts.append(f"Noising costs {cost[0][1]} {cost[0][0]:.2f} of the metric and {cost[1][1]} {cost[1][0]:.2f}.")
+    k_edges, kl_edges = d["acdc_k_edges_from_layer0"], d["acdc_kl"]["k_edges_from_layer0"]
+    if len(k_edges) > 1:
+        parts.append(f"ACDC's strongest k edges: {k_edges[0][0]} → {k_edges[0][1]} {k_edges[0][2]:.3f}, "
+                     f"{k_edges[1][0]} → {k_edges[1][1]} {k_edges[1][2]:.3f}.")
+    if kl_edges and k_edges and kl_edges[0][:2] != k_edges[0][:2]:
+        parts.append(f"Judged by KL to the clean run instead of the task metric, ACDC ranks {kl_edges[0][0]} → "
+                     f"{kl_edges[0][1]} first ({kl_edges[0][2]:.3f}): KL weighs the whole next-token distribution, "
+                     "where heads that are interchangeable for the answer's logit difference differ.")
+    classified = w["classified"]
+    parts.append(f"From weights alone, classify_heads labels {', '.join(classified['previous_token']) or 'no head'} "
+                 f"previous-token and {', '.join(classified['induction']) or 'no head'} induction heads.")
+    eap8, ig16 = d["top_n_faithfulness"]["eap"][8], d["top_n_faithfulness"]["eap-ig"][16]
+    parts.append(f"The attribution rankings are less faithful than ACDC's circuit ({d['acdc_faithfulness']:.2f} "
+                 f"with {d['acdc_edges']} edges): EAP's top 8 edges recover {eap8:.2f}, EAP-IG's top 16 {ig16:.2f}.")
+    return " ".join(parts)
+
+
 def analyse(name: str, model: TransformerBridge, *, batch: int, threshold: float, seed: int) -> tuple[dict, list]:
     task = make_task(model, batch=batch, seed=seed)
     timings, lenses, sections = {}, {}, []
@@ -169,7 +225,8 @@ def analyse(name: str, model: TransformerBridge, *, batch: int, threshold: float
         timings[lens_name] = round(time.perf_counter() - start, 2)
         sections += secs
     agree = agreement(lenses)
-    sections.insert(0, Section(f"{name}: where the lenses agree", agreement_text(name, agree), []))
+    text = agreement_text(name, agree) + "\n\n" + disagreement_text(lenses)
+    sections.insert(0, Section(f"{name}: where the lenses agree, and where they do not", text, []))
     summary = {
         "task": {"name": task.name, "batch": task.batch, "seq_len": task.seq_len, "metric": task.metric.value},
         "lenses": {k: {"previous_token_head": v.previous_token_head, "induction_head": v.induction_head,
@@ -187,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("out/induction"))
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threshold", type=float, default=0.02, help="ACDC threshold on the KL increase")
+    parser.add_argument("--threshold", type=float, default=0.01,
+                        help="ACDC threshold, as a fraction of the task metric's clean − corrupted gap")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import einops
 import pytest
 import torch
@@ -12,10 +14,13 @@ from circuits.weights import (
     classify_heads,
     copying_scores,
     full_ov_circuit,
-    full_qk_circuit,
+    offset_profile,
+    positional_attention,
+    positional_input,
     previous_token_scores,
     skip_trigram_scores,
     skip_trigrams,
+    uniform_previous_attention,
 )
 
 
@@ -30,11 +35,65 @@ def test_copying_scores_equal_brute_force_eigenvalues(tiny2):
     assert (scores.abs() <= 1 + 1e-6).all()
 
 
-def test_previous_token_score_brute_force(tiny2):
-    qk = full_qk_circuit(tiny2, 1, 2, query="position", key="position").AB
-    n = qk.shape[0]
-    expected = sum(torch.softmax(qk[i, : i + 1], -1)[i - 1] for i in range(1, n)) / (n - 1)
-    assert float(previous_token_scores(tiny2).values[1, 2]) == pytest.approx(float(expected), rel=1e-5)
+def _perturb_norms_and_biases(model, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name or "ln" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("layernorm", [True, False])
+def test_positional_attention_is_the_pattern_when_every_token_embeds_alike(layernorm):
+    """Oracle: with every row of W_E equal, the average token is the token and the σ over the vocabulary is
+    the σ of the input, so the weight-only positional pattern is the model's layer-0 pattern exactly
+    (LayerNorm weights/biases and q/k biases perturbed)."""
+    m = attn_only(1, 24, 3, 8, d_vocab=20, n_ctx=12, layernorm=layernorm, seed=11)
+    _perturb_norms_and_biases(m)
+    with torch.no_grad():
+        m.embed.weight.copy_(torch.randn(24).expand(20, 24))
+    _, cache = m.run_with_cache(torch.randint(0, 20, (1, 12)))
+    pattern = cache["blocks.0.attn.hook_pattern"][0]
+    for h in range(3):
+        torch.testing.assert_close(positional_attention(m, 0, h), pattern[h], rtol=1e-5, atol=1e-6)
+
+
+def test_positional_input_sigma_is_the_rms_over_the_vocabulary(tiny2):
+    """The closed-form σ equals the RMS of LayerNorm's σ over every (token, position) pair."""
+    m = tiny2
+    W_E, W_pos = m.W_E.detach(), m.W_pos.detach()
+    x = W_E[None] + W_pos[:, None]  # [pos, token, d_model]
+    x = x - x.mean(-1, keepdim=True)
+    sigma = (x.pow(2).mean(-1) + m.cfg.eps).mean(1).sqrt()  # RMS over tokens of each σ
+    mean_tok = W_E.mean(0) + W_pos
+    mean_tok = mean_tok - mean_tok.mean(-1, keepdim=True)
+    expected = mean_tok / sigma[:, None] * m.blocks[1].ln1.w.detach() + m.blocks[1].ln1.b.detach()
+    torch.testing.assert_close(positional_input(m, 1), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_previous_token_score_and_margin_brute_force(tiny2):
+    pattern = positional_attention(tiny2, 1, 2)
+    n = pattern.shape[0]
+    expected = sum(pattern[i, i - 1] for i in range(1, n)) / (n - 1)
+    scores = previous_token_scores(tiny2)
+    assert float(scores.values[1, 2]) == pytest.approx(float(expected), rel=1e-5)
+    profile = [sum(pattern[i, i - o] for i in range(max(o, 1), n)) / (n - max(o, 1)) for o in range(n)]
+    torch.testing.assert_close(offset_profile(pattern), torch.stack(profile), rtol=1e-5, atol=1e-7)
+    margin = profile[1] - max(p for o, p in enumerate(profile) if o != 1)
+    assert float(scores.info["margin"][1, 2]) == pytest.approx(float(margin), rel=1e-4, abs=1e-7)
+    assert scores.info["uniform"] == pytest.approx(sum(1 / (i + 1) for i in range(1, 20)) / 19)
+
+
+def test_a_position_blind_head_is_not_previous_token(tiny2_noln):
+    """Zero W_Q (and b_Q): uniform causal attention; its score is the uniform level, offsets 0 and 1 tie (margin 0)."""
+    m = copy.deepcopy(tiny2_noln)
+    with torch.no_grad():
+        m.blocks[0].attn.q.weight.zero_()
+        m.blocks[0].attn.q.bias.zero_()
+    scores = previous_token_scores(m)
+    assert float(scores.values[0, 0]) == pytest.approx(uniform_previous_attention(20), rel=1e-5)
+    assert float(scores.info["margin"][0, 0]) == pytest.approx(0, abs=1e-7)
+    assert (0, 0) not in classify_heads(m).heads("previous_token")
 
 
 def test_classify_heads_names_exactly_the_planted_heads(planted):
@@ -43,7 +102,7 @@ def test_classify_heads_names_exactly_the_planted_heads(planted):
     assert result.heads("induction") == [planted.planted.induction]
     lay, h = planted.planted.induction
     assert result.info["induction_source"][lay][h] == "L{}H{}".format(*planted.planted.previous_token)
-    assert result.values.shape == (2, 3, 3)
+    assert result.values.shape == (2, 3, 4)
     with pytest.raises(ValueError, match="label must be one of"):
         result.heads("copy")
 
@@ -102,3 +161,7 @@ def test_bad_input(tiny2):
         skip_trigrams(tiny2, 0, 0, k=0)
     with pytest.raises(ValueError, match="no attention layers"):
         copying_scores(attn_only(0, 16, 2, 8, d_vocab=10, n_ctx=8))
+    with pytest.raises(ValueError, match=r"head must be an integer in \[0, 4\)"):
+        positional_attention(tiny2, 1, 7)
+    with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 2\)"):
+        positional_input(tiny2, 2)

@@ -6,6 +6,7 @@ Example: `viz.report([viz.Section("Heads", "Patching each head.", [viz.draw_resu
 """
 
 from viz.attention import draw_attention
+from viz.circuit import draw_circuit
 from viz.composition import draw_composition
 from viz.curves import draw_faithfulness, draw_roc
 from viz.dla import draw_dla
@@ -15,7 +16,7 @@ from viz.report import Section, report
 from viz.theme import DIVERGING, SEQUENTIAL, TEMPLATE
 
 __all__ = [
-    "DIVERGING", "SEQUENTIAL", "Section", "TEMPLATE", "copying_score", "draw_attention", "draw_bar",
+    "DIVERGING", "SEQUENTIAL", "Section", "TEMPLATE", "copying_score", "draw_attention", "draw_bar", "draw_circuit",
     "draw_composition", "draw_dla", "draw_eigenvalues", "draw_facets", "draw_faithfulness", "draw_heatmap",
     "draw_result", "draw_roc", "draw_top_pairs", "report", "top_pairs",
 ]

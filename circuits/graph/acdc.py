@@ -37,7 +37,13 @@ from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from circuits.graph.circuit import Circuit, top_edges
-from circuits.graph.incremental import CircuitState, circuit_state, commit_column, evaluate_column
+from circuits.graph.incremental import (
+    CircuitState,
+    Evaluated,
+    commit_column,
+    commit_evaluated,
+    evaluate_columns,
+)
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph
 from circuits.graph.patching import Ablation, EdgePatcher
@@ -115,7 +121,7 @@ class _Walk:
     def __init__(self, patcher: EdgePatcher, metric: GraphMetric, threshold: float, order: str):
         self.patcher, self.metric, self.threshold, self.order = patcher, metric, threshold, order
         self.graph = patcher.graph
-        self.state: CircuitState = circuit_state(patcher, self.graph.valid.to(patcher.device))
+        self.state: CircuitState = clean_state(patcher)
         self.loss = float(metric.loss(self.state.logits[None])[0])
         self.scores = torch.full(self.graph.valid.shape, math.nan)
         self.n_forwards, self.n_batches = 1, 1
@@ -138,13 +144,16 @@ class _Walk:
             self.state = self.state.with_mask(mask)
         return True
 
-    def _losses(self, d: int, columns: Bool[Tensor, "k n_src"]) -> list[float]:
-        out = []
+    def _losses(self, d: int, columns: Bool[Tensor, "k n_src"]) -> tuple[list[float], list[tuple[Evaluated, int]]]:
+        """The loss of each candidate column, and where each was evaluated (its batch and row in it)."""
+        out, where = [], []
         for chunk in columns.split(self.patcher.chunk_size()):
-            out += self.metric.loss(evaluate_column(self.patcher, self.state, d, chunk)).tolist()
+            evaluated = evaluate_columns(self.patcher, self.state, d, chunk)
+            out += self.metric.loss(evaluated.logits).tolist()
+            where += [(evaluated, i) for i in range(chunk.shape[0])]
             self.n_batches += 1
         self.n_forwards += columns.shape[0]
-        return out
+        return out, where
 
     def exact_destination(self, d: int) -> None:
         """The plain algorithm's decisions for destination d, checked in speculative batches.
@@ -153,11 +162,13 @@ class _Walk:
         evaluates them together; decisions are then made in order with the plain algorithm's rule, and every
         one up to the first wrong guess is the plain algorithm's own. Guesses: remove (ACDC circuits are
         sparse) in the first round, then the decision implied by each edge's marginal loss rise along the
-        last round's guessed path.
+        last round's guessed path. The circuit after the last removal was itself a candidate: the new state
+        is taken from its evaluation, with no further forward.
         """
         column = self.state.mask[:, d].clone()
         remaining = self.incoming(d)
         guesses = [True] * len(remaining)
+        last_removal: tuple[Evaluated, int] | None = None
         while remaining:
             candidates, trial = [], column.clone()
             for s, guess in zip(remaining, guesses):
@@ -166,7 +177,7 @@ class _Walk:
                 candidates.append(candidate)
                 if guess:
                     trial = candidate
-            losses = self._losses(d, torch.stack(candidates))
+            losses, where = self._losses(d, torch.stack(candidates))
             marginal, path_loss = [], self.loss
             for guess, loss in zip(guesses, losses):
                 marginal.append(loss - path_loss)
@@ -180,12 +191,17 @@ class _Walk:
                 if remove:
                     column[s] = False
                     self.loss = loss
+                    last_removal = where[i]
                 if remove != guess:
                     consumed = i + 1
                     break
             remaining = remaining[consumed:]
             guesses = [m < self.threshold for m in marginal[consumed:]]
-        self._commit_column(d, column)
+        if last_removal is not None:
+            evaluated, i = last_removal
+            if not torch.equal(evaluated.columns[i].cpu(), column.cpu()):
+                raise AssertionError("the last removal's candidate is the final column")
+            self.state = commit_evaluated(self.patcher, self.state, evaluated, i, in_place=True)
 
     def batched_destination(self, d: int) -> None:
         """Test every incoming edge of d alone against the current circuit; remove all that stay under threshold."""
@@ -198,7 +214,7 @@ class _Walk:
             candidate = column.clone()
             candidate[s] = False
             candidates.append(candidate)
-        losses = self._losses(d, torch.stack(candidates))
+        losses, _ = self._losses(d, torch.stack(candidates))
         for s, loss in zip(remaining, losses):
             increase = loss - self.loss
             self.scores[s, d] = increase
@@ -214,6 +230,14 @@ class _Walk:
         self.n_forwards += 1
         self.n_batches += 1
         return True
+
+
+def clean_state(patcher: EdgePatcher) -> CircuitState:
+    """The state of the full circuit: the patcher's clean run (copied, since ACDC updates its state in place)."""
+    sources, inputs = patcher.clean_sources.clone(), patcher.clean_inputs.clone()
+    pos = patcher.positions
+    return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs, patcher.clean_logits,
+                        sources[..., pos, :], inputs[..., pos, :])
 
 
 def prune_dead_ends(mask: Bool[Tensor, "n_src n_dst"], graph: ComputeGraph) -> Bool[Tensor, "n_src n_dst"]:

@@ -25,8 +25,10 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.graph.circuit import Circuit, top_edges
-from circuits.graph.metric import resolve_metric
-from circuits.graph.patching import Ablation, EdgePatcher
+from circuits.graph.forward import NativeWeights, embed, layer_norm_backward, shared_forward
+from circuits.graph.metric import GraphMetric, resolve_metric
+from circuits.graph.nodes import ComputeGraph
+from circuits.graph.patching import MAX_CHUNK_FLOATS, Ablation, _ablation, _stages
 from circuits.results import LabelledResult
 from circuits.tasks.task import Metric, Task
 
@@ -61,56 +63,130 @@ def eap(
 ) -> EAPResult:
     """EAP scores of every edge (`ig_steps=0`), or EAP-IG with `ig_steps` interpolation steps.
 
+    Cost (EAP): one forward and backward on the clean input and one forward on the corrupted input
+    (resample ablation), with no per-edge work but a (sources × destinations) contraction.
     `metric` defaults to the task's. Example: `eap(model, task, ig_steps=8).top_n(16).to_networkx()`
     """
-    if not isinstance(ig_steps, int) or ig_steps < 0:
+    if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 0:
         raise ValueError(f"ig_steps must be an integer >= 0, got {ig_steps!r}")
-    patcher = EdgePatcher(model, task, ablation)
-    gm = resolve_metric(task, metric, patcher.clean_logits_full)
+    ablation = _ablation(ablation)
+    w = NativeWeights.of(model)
+    g = ComputeGraph.of(model)
+    if task.seq_len > w.W_pos.shape[0]:
+        raise ValueError(f"task: sequences of {task.seq_len} tokens exceed the model's n_ctx {w.W_pos.shape[0]}")
+    positions = task.positions.to(w.device)
+    clean_emb = embed(w, task.clean)[None]
     if ig_steps == 0:
-        grads = destination_gradients(patcher, gm.fn, patcher.embed(task.clean))[0]
+        run, grads = destination_gradients(w, g, clean_emb, positions, task, metric)
+        clean_sources = run.sources[0].detach()
+        gm = run.metric
     else:
-        grads = integrated_gradients(patcher, gm.fn, ig_steps)
-    diff = patcher.ablated - patcher.clean_sources
-    scores = torch.einsum("sbpm,dbpm->sd", diff.expand_as(patcher.clean_sources), grads)
-    g = patcher.graph
+        with torch.no_grad():
+            clean_run = shared_forward(w, clean_emb, positions)
+        clean_sources = clean_run.sources[0]
+    ablated = _ablated_sources(w, task, ablation, clean_sources, positions)
+    if ig_steps:
+        grads, gm = integrated_gradients(w, g, clean_emb[0], ablated[:2].expand_as(clean_emb[0]), positions, task,
+                                         metric, ig_steps, clean_run.logits[0])
+    scores = edge_scores(g, ablated - clean_sources, grads)
     scores = scores.detach().float().cpu().masked_fill(~g.valid, float("nan"))
     method = "eap-ig" if ig_steps else "eap"
-    attrs = dict(model=patcher.weights.description, method=method, metric=gm.name, ablation=patcher.ablation.value)
+    attrs = dict(model=w.description, method=method, metric=gm.name, ablation=ablation.value)
     return EAPResult(
         values=scores, dims=("source", "destination"), labels=(g.source_names, g.destination_names), method=method,
-        info=dict(metric=gm.name, ablation=patcher.ablation.value, ig_steps=ig_steps),
+        info=dict(metric=gm.name, ablation=ablation.value, ig_steps=ig_steps),
         circuit=Circuit.full(g, scores, **attrs),
     )
 
 
+def _ablated_sources(w: NativeWeights, task: Task, ablation: Ablation, clean: Tensor, positions: Tensor
+                     ) -> Float[Tensor, "n_src batch pos d_model"]:
+    if ablation is Ablation.ZERO:
+        return torch.zeros_like(clean)
+    if ablation is Ablation.MEAN:
+        return clean.mean(dim=1, keepdim=True).expand_as(clean)
+    with torch.no_grad():
+        return shared_forward(w, embed(w, task.corrupted)[None], positions).sources[0]
+
+
+@dataclass(frozen=True, eq=False)
+class _GradRun:
+    sources: Tensor
+    metric: GraphMetric
+
+
+def _full_logits(logits_at: Tensor, task: Task) -> Tensor:
+    """[batch, pos, vocab] logits holding `logits_at` at the metric positions (what the KL reference reads)."""
+    full = logits_at.new_zeros(task.batch, task.seq_len, logits_at.shape[-1])
+    full[:, task.positions.to(full.device)] = logits_at
+    return full
+
+
 def destination_gradients(
-    patcher: EdgePatcher,
-    metric: Callable[[Tensor], Tensor],
+    w: NativeWeights,
+    graph: ComputeGraph,
     emb: Float[Tensor, "k 2 batch pos d_model"],
-) -> Float[Tensor, "k n_dst batch pos d_model"]:
-    """∂metric/∂x_d for every destination of the unpatched run from embedding sources `emb` (one per row k)."""
+    positions: Tensor,
+    task: Task,
+    metric: str | Metric | Callable[[Tensor], Tensor] | None,
+    clean_logits_at: Tensor | None = None,
+) -> tuple[_GradRun, Float[Tensor, "n_dst batch pos d_model"]]:
+    """∂metric/∂x_d of every destination d of the unpatched run from embedding sources `emb`, summed over
+    the k rows. One forward and one backward: the gradients at each head's q, k and v are carried back
+    through that head's projection and its LayerNorm by hand (`layer_norm_backward`), so the forward keeps
+    one residual stream per layer instead of one input per head."""
     with torch.enable_grad():
         emb = emb.detach().clone().requires_grad_(True)
-        run = patcher.forward(emb, None, keep=True)
-        values = metric(run.logits)
-        grads = torch.autograd.grad(values.sum(), run.stage_inputs, allow_unused=True)
-    grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, run.stage_inputs)]
-    return torch.cat(grads, dim=1).detach()
+        run = shared_forward(w, emb, positions)
+        reference = run.logits[0].detach() if clean_logits_at is None else clean_logits_at
+        gm = resolve_metric(task, metric, _full_logits(reference, task))
+        targets = [t for qkv in run.qkv for t in qkv] + list(run.mlp_in) + [run.final]
+        grads = torch.autograd.grad(gm.fn(run.logits).sum(), targets, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, targets)]
+    out = []
+    for layer in range(graph.n_layers):
+        gq, gk, gv = grads[3 * layer: 3 * layer + 3]
+        at_ln = torch.cat([gq @ w.W_Q[layer].transpose(-1, -2)[:, None], gk @ w.W_K[layer].transpose(-1, -2)[:, None],
+                           gv @ w.W_V[layer].transpose(-1, -2)[:, None]], dim=1)  # [k, 3H, batch, pos, d_model]
+        ln = None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer])
+        out.append(layer_norm_backward(run.resid_in[layer].detach()[:, None], at_ln, ln, w.eps).sum(0))
+        if graph.has_mlp:
+            out.append(grads[3 * graph.n_layers + layer].sum(0)[None])
+    out.append(grads[-1].sum(0)[None])
+    return _GradRun(run.sources.detach(), gm), torch.cat(out).detach()
 
 
 def integrated_gradients(
-    patcher: EdgePatcher, metric: Callable[[Tensor], Tensor], steps: int
-) -> Float[Tensor, "n_dst batch pos d_model"]:
+    w: NativeWeights,
+    graph: ComputeGraph,
+    clean: Float[Tensor, "2 batch pos d_model"],
+    ablated: Float[Tensor, "2 batch pos d_model"],
+    positions: Tensor,
+    task: Task,
+    metric: str | Metric | Callable[[Tensor], Tensor] | None,
+    steps: int,
+    clean_logits_at: Tensor,
+) -> tuple[Float[Tensor, "n_dst batch pos d_model"], GraphMetric]:
     """The destination gradients averaged over `steps` points α = 1/m … 1 from the ablated to the clean
-    embeddings, in batched forwards."""
-    clean = patcher.embed(patcher.task.clean)[0]
-    ablated = patcher.ablated[:2].expand_as(clean)
-    alphas = torch.arange(1, steps + 1, device=patcher.device, dtype=clean.dtype) / steps
-    total = None
-    chunk = max(1, patcher.chunk_size() // 2)
-    for a in alphas.split(chunk):
+    embeddings, in batched forwards (each against the clean run's metric reference)."""
+    alphas = torch.arange(1, steps + 1, device=clean.device, dtype=clean.dtype) / steps
+    per_step = clean.numel() * (4 + 3 * graph.n_layers)
+    total, gm = None, None
+    for a in alphas.split(max(1, MAX_CHUNK_FLOATS // per_step)):
         emb = ablated[None] + a[:, None, None, None, None] * (clean - ablated)[None]
-        g = destination_gradients(patcher, metric, emb).sum(0)
-        total = g if total is None else total + g
-    return total / steps
+        run, grads = destination_gradients(w, graph, emb, positions, task, metric, clean_logits_at)
+        gm = run.metric
+        total = grads if total is None else total + grads
+    return total / steps, gm
+
+
+def edge_scores(
+    graph: ComputeGraph, diff: Float[Tensor, "n_src batch pos d_model"], grads: Float[Tensor, "n_dst batch pos d_model"]
+) -> Float[Tensor, "n_src n_dst"]:
+    """Σ_{batch, pos, d_model} diff_s · grad_d for every edge: one matrix product per stage, over the sources
+    upstream of it (zero elsewhere)."""
+    scores = torch.zeros(graph.n_sources, graph.n_destinations, dtype=diff.dtype, device=diff.device)
+    flat_diff, flat_grads = diff.flatten(1), grads.flatten(1)
+    for stage in _stages(graph):
+        scores[: stage.n_below, stage.dst] = flat_diff[: stage.n_below] @ flat_grads[stage.dst].T
+    return scores

@@ -15,6 +15,8 @@ ungated MLPs; anything else raises a ValueError naming what is unsupported.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,7 +74,23 @@ class NativeWeights:
 
     @classmethod
     def of(cls, model: TransformerBridge) -> NativeWeights:
-        """Read the weights of a native bridge; raises ValueError for an architecture the engine cannot run."""
+        """Read the weights of a native bridge; raises ValueError for an architecture the engine cannot run.
+
+        The copy is cached per model and reused while no parameter has been replaced or changed in place
+        through autograd-visible operations (each tensor's storage and version counter are compared);
+        writes through `.data` bypass the version counter, so call `NativeWeights.read(model)` after them.
+        """
+        key = _weights_key(model)
+        cached = _WEIGHTS_CACHE.get(model)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weights = cls.read(model)
+        _WEIGHTS_CACHE[model] = (key, weights)
+        return weights
+
+    @classmethod
+    def read(cls, model: TransformerBridge) -> NativeWeights:
+        """Read (copy) the weights of a native bridge now, bypassing the cache of `of`."""
         _check_supported(model)
         cfg = model.cfg
         sd = model.state_dict()
@@ -106,6 +124,14 @@ class NativeWeights:
                 attn_scale=float(blocks[0].attn.scale),
             )
         return cls(**w, description=describe(model))
+
+
+_WEIGHTS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: TransformerBridge) -> tuple:
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.device.type)
+                 for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _check_supported(model: TransformerBridge) -> None:
@@ -175,9 +201,9 @@ def attend(
     w: NativeWeights,
     layer: int,
     heads: Int[Tensor, " h"],
-    x_q: Float[Tensor, "*k h batch nq d_model"],
-    x_k: Float[Tensor, "*k h batch pos d_model"],
-    x_v: Float[Tensor, "*k h batch pos d_model"],
+    x_q: Float[Tensor, "*kq h batch nq d_model"],
+    x_k: Float[Tensor, "*kk h batch pos d_model"],
+    x_v: Float[Tensor, "*kv h batch pos d_model"],
     q_pos: Int[Tensor, " nq"],
 ) -> Float[Tensor, "*k h batch nq d_model"]:
     """The outputs `z @ W_O` of some heads of one layer, each reading its own q, k and v inputs.
@@ -186,15 +212,22 @@ def attend(
     layer); keys and values cover positions 0..pos-1. Leading dims broadcast (a `*k` of 1 shares an input).
     """
     ln = None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer])
-    bq, bk, bv = (b[layer, heads][:, None, None, :] for b in (w.b_Q, w.b_K, w.b_V))
-    q = layer_norm(x_q, ln, w.eps) @ w.W_Q[layer, heads][:, None] + bq
-    k = layer_norm(x_k, ln, w.eps) @ w.W_K[layer, heads][:, None] + bk
-    v = layer_norm(x_v, ln, w.eps) @ w.W_V[layer, heads][:, None] + bv
+    q = _per_head(layer_norm(x_q, ln, w.eps), w.W_Q[layer, heads]) + w.b_Q[layer, heads][:, None, None, :]
+    k = _per_head(layer_norm(x_k, ln, w.eps), w.W_K[layer, heads]) + w.b_K[layer, heads][:, None, None, :]
+    v = _per_head(layer_norm(x_v, ln, w.eps), w.W_V[layer, heads]) + w.b_V[layer, heads][:, None, None, :]
     scores = q @ k.transpose(-1, -2) / w.attn_scale
     # adding -inf above the diagonal equals the model's masked_fill(-inf), softmax, masked_fill(0): every
     # query sees key 0, so no row is fully masked
     pattern = (scores + causal_bias(q_pos.to(q.device), x_k.shape[-2], scores.dtype)).softmax(-1)
-    return (pattern @ v) @ w.W_O[layer, heads][:, None]
+    return _per_head(pattern @ v, w.W_O[layer, heads])
+
+
+def _per_head(x: Float[Tensor, "*k h batch pos d_in"], W: Float[Tensor, "h d_in d_out"]
+              ) -> Float[Tensor, "*k h batch pos d_out"]:
+    """x[..., h, :, :, :] @ W[h] for every head, as one batched product over (batch · pos) rows."""
+    lead = x.shape[:-3]
+    y = x.reshape(*lead, x.shape[-3] * x.shape[-2], x.shape[-1]) @ W
+    return y.view(*lead, x.shape[-3], x.shape[-2], W.shape[-1])
 
 
 def causal_bias(q_pos: Int[Tensor, " nq"], n_keys: int, dtype: torch.dtype) -> Float[Tensor, "nq n_keys"]:
@@ -213,3 +246,73 @@ def mlp(w: NativeWeights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Floa
 def unembed(w: NativeWeights, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab_out"]:
     """Final LayerNorm and unembedding."""
     return layer_norm(x, w.ln_final, w.eps) @ w.W_U + w.b_U
+
+
+@dataclass(frozen=True, eq=False)
+class SharedRun:
+    """The unpatched forward with one residual stream (every head input equal to it, as in the model).
+
+    `sources` [k, n_src, batch, pos, d_model] in graph source order; `resid_in[l]` the residual stream
+    entering layer l's attention; `qkv[l]` its heads' (q, k, v), each [k, head, batch, pos, d_head];
+    `mlp_in[l]` the input of layer l's MLP; `final` the input of the final LayerNorm; `logits` at the
+    metric positions [k, batch, n, vocab]."""
+
+    sources: Tensor
+    resid_in: tuple[Tensor, ...]
+    qkv: tuple[tuple[Tensor, Tensor, Tensor], ...]
+    mlp_in: tuple[Tensor, ...]
+    final: Tensor
+    logits: Tensor
+
+
+def shared_forward(
+    w: NativeWeights, emb: Float[Tensor, "k 2 batch pos d_model"], positions: Int[Tensor, " n"]
+) -> SharedRun:
+    """The model's own forward from the embedding sources (one LayerNorm per layer for all heads, not one
+    per head input): what every edge present computes, at the cost of one forward of the model."""
+    resid = emb.sum(1)
+    blocks = [emb]
+    resid_in, qkv, mlp_in = [], [], []
+    n_pos = emb.shape[-2]
+    bias = causal_bias(torch.arange(n_pos, device=emb.device), n_pos, emb.dtype)
+    for layer in range(w.n_layers):
+        resid_in.append(resid)
+        ln = layer_norm(resid, None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer]), w.eps)
+        K, B, P, D = ln.shape
+        H, E = w.n_heads, w.W_Q.shape[-1]
+        # q, k and v of every head from one matrix product (as the model computes them)
+        W = torch.cat([w.W_Q[layer], w.W_K[layer], w.W_V[layer]]).permute(1, 0, 2).reshape(D, 3 * H * E)
+        b = torch.cat([w.b_Q[layer], w.b_K[layer], w.b_V[layer]]).reshape(-1)
+        q, k, v = torch.addmm(b, ln.reshape(-1, D), W).view(K, B, P, 3, H, E).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        qkv.append((q, k, v))
+        pattern = (q @ k.transpose(-1, -2) / w.attn_scale + bias).softmax(-1)
+        out = _per_head(pattern @ v, w.W_O[layer])  # [k, head, batch, pos, d_model]
+        blocks.append(out)
+        resid = resid + out.sum(1) + w.b_O[layer]
+        if w.has_mlp:
+            x = resid.clone()  # a node of its own: gradients taken at it see the MLP's path only
+            mlp_in.append(x)
+            m = mlp(w, layer, x)
+            blocks.append(m[:, None])
+            resid = resid + m + w.b_out[layer]
+    final = resid.clone()
+    k_max = max(b.shape[0] for b in blocks)
+    sources = torch.cat([b.expand(k_max, *b.shape[1:]) for b in blocks], dim=1)
+    return SharedRun(sources, tuple(resid_in), tuple(qkv), tuple(mlp_in), final,
+                     unembed(w, final[..., positions.to(final.device), :]))
+
+
+def layer_norm_backward(
+    x: Float[Tensor, "*xlead d_model"], grad_out: Float[Tensor, "*lead d_model"],
+    params: tuple[Tensor, Tensor] | None, eps: float,
+) -> Float[Tensor, "*lead d_model"]:
+    """The gradient at a LayerNorm's input `x` given the gradient at its output (identity without LN); `x`
+    broadcasts against `grad_out` (one input read by several heads):
+    (g − mean g − x̂·mean(g·x̂)) / σ with g = grad_out·weight and x̂ = (x − μ)/σ."""
+    if params is None:
+        return grad_out
+    mu = x.mean(-1, keepdim=True)
+    sigma = (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    xhat = (x - mu) / sigma
+    g = grad_out * params[0]
+    return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma

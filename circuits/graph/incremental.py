@@ -56,27 +56,72 @@ def evaluate_column(
 ) -> Float[Tensor, "k batch n vocab"]:
     """Logits of k circuits equal to `state.mask` except that the incoming edges of destination d are
     `columns[i]` in circuit i. Equal (to float rounding) to `patcher.run` on the full masks."""
+    return evaluate_columns(patcher, state, d, columns).logits
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluated:
+    """k candidate columns for destination d evaluated against one state: their logits, and what they
+    recomputed (so that any of them can become the new state without another forward, `commit_evaluated`)."""
+
+    d: int
+    columns: Bool[Tensor, "k n_src"]
+    logits: Float[Tensor, "k batch n vocab"]
+    propagation: _Propagation
+
+
+def evaluate_columns(
+    patcher: EdgePatcher, state: CircuitState, d: int, columns: Bool[Tensor, "k n_src"]
+) -> Evaluated:
+    """`evaluate_column`, keeping what each candidate recomputed. Example: `e = evaluate_columns(p, s, d, cols)`"""
+    columns = columns.to(patcher.device)
     with torch.no_grad():
-        return _Propagation(patcher, state, d, columns.to(patcher.device)).run()
+        prop = _Propagation(patcher, state, d, columns)
+        logits = prop.run()
+    return Evaluated(d, columns, logits, prop)
+
+
+def commit_evaluated(
+    patcher: EdgePatcher, state: CircuitState, evaluated: Evaluated, i: int, *, in_place: bool = False
+) -> CircuitState:
+    """The state of candidate i of `evaluated` (which must have been evaluated against `state`). With
+    `in_place=True` the new state reuses (and overwrites) `state`'s tensors: `state` must not be used again."""
+    prop = evaluated.propagation
+    if prop.state is not state:
+        raise ValueError("evaluated: these candidates were evaluated against another state")
+    pos = patcher.positions
+    with torch.no_grad():
+        if in_place:
+            sources, inputs, sources_at, inputs_at = state.sources, state.inputs, state.sources_at, state.inputs_at
+        else:
+            sources, inputs = state.sources.clone(), state.inputs.clone()
+            sources_at, inputs_at = state.sources_at.clone(), state.inputs_at.clone()
+        for s, (value, restricted) in prop.outputs.items():
+            row = value[i if value.shape[0] > 1 else 0]
+            _write(sources[s], row, restricted, pos)
+            sources_at[s] = row if restricted else row[..., pos, :]
+        for dst, value in prop.new_inputs.items():
+            row = value[i if value.shape[0] > 1 else 0]
+            at = patcher.at_metric_positions(dst)
+            _write(inputs[dst], row, at, pos)
+            inputs_at[dst] = row if at else row[..., pos, :]
+    mask = state.mask.clone()
+    mask[:, evaluated.d] = evaluated.columns[i]
+    return CircuitState(mask, sources, inputs, evaluated.logits[i], sources_at, inputs_at)
 
 
 def commit_column(
     patcher: EdgePatcher, state: CircuitState, d: int, column: Bool[Tensor, " n_src"]
 ) -> CircuitState:
     """The state of the circuit `state.mask` with column d set to `column`, updated incrementally."""
-    column = column.to(patcher.device)
-    with torch.no_grad():
-        prop = _Propagation(patcher, state, d, column[None])
-        logits = prop.run()
-        sources, inputs = state.sources.clone(), state.inputs.clone()
-        pos = patcher.positions
-        for s, (value, restricted) in prop.outputs.items():
-            _write(sources[s], value[0], restricted, pos)
-        for dst, value in prop.new_inputs.items():
-            _write(inputs[dst], value[0], patcher.at_metric_positions(dst), pos)
-    mask = state.mask.clone()
-    mask[:, d] = column
-    return CircuitState(mask, sources, inputs, logits[0], sources[..., pos, :], inputs[..., pos, :])
+    return commit_evaluated(patcher, state, evaluate_columns(patcher, state, d, column[None]), 0)
+
+
+def _stack_heads(xs: list[Tensor]) -> Tensor:
+    """Stack per-head inputs [k_i, batch, pos, d] on a head axis; an input no candidate changes keeps a leading
+    1 (and is normalised and projected once) unless another head's input has k candidates."""
+    k = max(x.shape[0] for x in xs)
+    return torch.stack([x.expand(k, *x.shape[1:]) for x in xs], dim=1)
 
 
 def _write(target: Tensor, value: Tensor, restricted: bool, positions: Tensor) -> None:
@@ -124,8 +169,7 @@ class _Propagation:
             inputs.append([self.current_input(dst)[None] if x is None else x for dst, x in zip(dsts, xs)])
         if not heads:
             return
-        k = max(x.shape[0] for xs in inputs for x in xs)
-        q, key, v = (torch.stack([xs[j].expand(k, *xs[j].shape[1:]) for xs in inputs], dim=1) for j in range(3))
+        q, key, v = (_stack_heads([xs[j] for xs in inputs]) for j in range(3))
         restricted = p.at_metric_positions(stage.dst.start)  # the layer's first q input
         q_pos = p.positions if restricted else torch.arange(key.shape[-2], device=p.device)
         out = attend(p.weights, stage.layer, torch.tensor(heads, device=p.device), q, key, v, q_pos)

@@ -26,7 +26,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.graph.forward import NativeWeights, attend, embed, mlp, unembed
+from circuits.graph.forward import NativeWeights, attend, embed, mlp, shared_forward, unembed
 from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.tasks.task import Task
 
@@ -157,6 +157,8 @@ class EdgePatcher:
         `emb` and `masks` broadcast along their first axis (one of them may be 1).
         """
         w = self.weights
+        if masks is None:
+            return self._unpatched(emb, keep)
         blocks = [emb]
         inputs = []
         for stage, bias in zip(self.stages, self.biases):
@@ -175,6 +177,25 @@ class EdgePatcher:
                 logits = unembed(w, x[:, 0][..., self.positions, :])
         sources = _cat_sources(blocks) if keep else None
         return Run(logits, sources, tuple(inputs) if keep else None)
+
+    def _unpatched(self, emb: Float[Tensor, "k 2 batch pos d_model"], keep: bool) -> Run:
+        """Every edge kept: the model's own forward (one LayerNorm per layer), each stage's destinations reading
+        the residual stream. Its stage inputs are views of one tensor per stage: not for per-destination
+        gradients (pass an all-True mask for those)."""
+        run = shared_forward(self.weights, emb, self.positions)
+        if not keep:
+            return Run(run.logits)
+        inputs = []
+        for stage in self.stages:
+            n = stage.dst.stop - stage.dst.start
+            if stage.kind is NodeKind.HEAD_INPUT:
+                x = run.resid_in[stage.layer]
+            elif stage.kind is NodeKind.MLP:
+                x = run.mlp_in[stage.layer]
+            else:
+                x = run.final
+            inputs.append(x[:, None].expand(-1, n, *x.shape[1:]))
+        return Run(run.logits, run.sources, tuple(inputs))
 
     def _stage_input(
         self,

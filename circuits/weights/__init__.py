@@ -21,7 +21,11 @@ from circuits.weights.signatures import (
     classify_heads,
     copying_scores,
     induction_scores,
+    offset_profile,
+    positional_attention,
+    positional_input,
     previous_token_scores,
+    uniform_previous_attention,
 )
 from circuits.weights.skip_trigrams import SkipTrigrams, skip_trigram_scores, skip_trigrams
 
@@ -29,6 +33,6 @@ __all__ = [
     "KINDS", "CompositionBaseline", "CompositionScores", "HeadClassification", "HeadScores", "PathExpansion",
     "SkipTrigrams", "all_composition_scores", "attention_scale", "bigram_table", "classify_heads",
     "composition_baseline", "composition_scores", "copying_scores", "full_ov_circuit", "full_qk_circuit",
-    "induction_scores", "pair_mask", "path_expansion", "previous_token_scores", "skip_trigram_scores",
-    "skip_trigrams",
+    "induction_scores", "offset_profile", "pair_mask", "path_expansion", "positional_attention", "positional_input",
+    "previous_token_scores", "skip_trigram_scores", "skip_trigrams", "uniform_previous_attention",
 ]

@@ -9,8 +9,9 @@ Because ‖W·M‖_F = ‖R·M‖_F whenever RᵀR = WᵀW, the triangular squar
 d_head × d_head Gram matrices (W_V of the earlier head, Yᵀ of the later one; Cholesky, or a thin QR when
 singular) reduce the norms to those of R·W_O [k, d_model] and X·R'ᵀ [d_model, k], k = min(d_head, d_model).
 All pairs then come from one [earlier heads·k, d_model] × [d_model, heads·k] product per later layer, whose
-k×k blocks are summed in squares (or, when d_model < k², from ⟨ÃᵀÃ, B̃B̃ᵀ⟩ with one d_model × d_model Gram
-matrix per head). No d_model × d_model product is formed per pair.
+k×k blocks are summed in squares, or, when d_model is large against k (GPT-2 small), from ‖Ã·B̃‖² = ⟨ÃᵀÃ, B̃B̃ᵀ⟩
+with one d_model × d_model Gram matrix per head, of which only the blocks on and above the diagonal are formed.
+No d_model × d_model product is formed per pair.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class CompositionBaseline:
     """Mean and standard deviation of the composition score of random matrices of the heads' shapes.
 
     Measured (not derived): `n_samples` independent pairs of products X·Y with Gaussian i.i.d. factors of
-    shapes [d_model, d_head]·[d_head, d_model] on both sides, drawn from `torch.Generator().manual_seed(seed)`.
+    shapes [d_model, d_head]·[d_head, d_model] on both sides, seeded by `seed` (see `composition_baseline`).
     The same baseline serves Q, K and V (all three are such products on both sides).
     """
 
@@ -137,11 +138,41 @@ class _EarlierHeads:
         self._gram: Tensor | None = None
 
     @property
-    def gram(self) -> Float[Tensor, "layer head dm2"]:
-        """ÃᵀÃ per head, flattened [layer, head, d_model²]: ‖Ã·B̃‖² = ⟨ÃᵀÃ, B̃B̃ᵀ⟩ (one d_model² matrix per head)."""
+    def gram(self) -> Float[Tensor, "layer head n_upper"]:
+        """ÃᵀÃ per head of every layer but the last, as its upper block triangle (`_upper_gram`).
+
+        ‖Ã·B̃‖² = ⟨ÃᵀÃ, B̃B̃ᵀ⟩, and both Gram matrices are symmetric, so the inner product runs over the
+        blocks on and above the diagonal, the off-diagonal ones counted twice.
+        """
         if self._gram is None:
-            self._gram = (self.factor.transpose(-2, -1) @ self.factor).flatten(-2)
+            # the last layer is never an earlier head
+            self._gram = _upper_gram(self.factor[:-1].transpose(-2, -1), doubled=True)
         return self._gram
+
+
+_BLOCK = 128  # rows per block of the block-triangular Gram matrices
+
+
+def _upper_gram(X: Float[Tensor, "*batch n k"], doubled: bool) -> Float[Tensor, "*batch n_upper"]:
+    """The blocks on and above the diagonal of the symmetric X·Xᵀ, flattened; off-diagonal blocks ×2 if `doubled`.
+
+    For symmetric G and T, ⟨G, T⟩ = Σ_i ⟨G_ii, T_ii⟩ + 2 Σ_{i<j} ⟨G_ij, T_ij⟩ over blocks of `_BLOCK` rows, so the
+    inner product of `_upper_gram(X, True)` with `_upper_gram(Y, False)` is ⟨X·Xᵀ, Y·Yᵀ⟩ from about half of the
+    Gram products and half of the terms.
+    """
+    n = X.shape[-2]
+    spans = [(start, min(start + _BLOCK, n)) for start in range(0, n, _BLOCK)]
+    parts = []
+    for i, (a0, a1) in enumerate(spans):
+        for b0, b1 in spans[i:]:
+            block = X[..., a0:a1, :] @ X[..., b0:b1, :].transpose(-2, -1)
+            parts.append((2 * block if doubled and b0 != a0 else block).flatten(-2))
+    return torch.cat(parts, dim=-1)
+
+
+def _upper_size(n: int) -> int:
+    sizes = [min(start + _BLOCK, n) - start for start in range(0, n, _BLOCK)]
+    return sum(a * b for i, a in enumerate(sizes) for b in sizes[i:])
 
 
 def _use_gram(left: Tensor, right: Tensor) -> bool:
@@ -150,36 +181,43 @@ def _use_gram(left: Tensor, right: Tensor) -> bool:
     k2 = right.shape[-1]
     pairs = H * H * L * (L - 1) // 2
     blocks = pairs * k * dm * k2
-    gram = L * H * dm * dm * (k + k2) + pairs * dm * dm
+    n_upper = _upper_size(dm)
+    gram = L * H * n_upper * (k + k2) + pairs * n_upper
     return gram < blocks
 
 
 def _pair_scores(
-    earlier: _EarlierHeads, right: Float[Tensor, "layer head d_model k2"], method: str = "auto"
-) -> Float[Tensor, "layer head layer head"]:
-    """‖Ã_a·B̃_b‖ / (‖Ã_a‖ ‖B̃_b‖) for layer_a < layer_b, 0 elsewhere; one matmul per later layer.
+    earlier: _EarlierHeads, rights: list[Float[Tensor, "layer head d_model k2"]], method: str = "auto"
+) -> list[Float[Tensor, "layer head layer head"]]:
+    """‖Ã_a·B̃_b‖ / (‖Ã_a‖ ‖B̃_b‖) for layer_a < layer_b, 0 elsewhere, for each kind's right factors in `rights`.
 
     method "blocks": the k × k blocks Ã_a·B̃_b from [earlier heads·k, d_model] × [d_model, heads·k], summed in
-    squares (cost ∝ pairs·k²·d_model); "gram": ⟨ÃᵀÃ, B̃B̃ᵀ⟩ from per-head d_model² Gram matrices (cost ∝
-    heads·d_model²·k + pairs·d_model², cheaper when d_model < k²); "auto" picks the cheaper.
+    squares (cost ∝ pairs·k²·d_model); "gram": ⟨ÃᵀÃ, B̃B̃ᵀ⟩ over the upper block triangles of per-head d_model²
+    Gram matrices (cost ∝ heads·d_model²·k + pairs·d_model², each about halved by the symmetry; cheaper when
+    d_model is below about 2k²), every kind's later heads in one product per later layer; "auto" picks the
+    cheaper.
     """
     check_choice("method", method, ("auto", "blocks", "gram"))
     left = earlier.factor
     L, H, k, _ = left.shape
     if method == "auto":
-        method = "gram" if _use_gram(left, right) else "blocks"
-    scores = left.new_zeros(L, H, L, H)
-    right_norm = right.pow(2).sum((-2, -1)).sqrt()
+        method = "gram" if _use_gram(left, rights[0]) else "blocks"
+    scores = [left.new_zeros(L, H, L, H) for _ in rights]
+    right_norms = [right.pow(2).sum((-2, -1)).sqrt() for right in rights]
     for lb in range(1, L):
         if method == "blocks":
             a = einops.rearrange(left[:lb], "la ha k m -> (la ha k) m")
-            b = einops.rearrange(right[lb], "hb m k2 -> m (hb k2)")
-            blocks = einops.rearrange(a @ b, "(la ha k) (hb k2) -> la ha hb k k2", la=lb, ha=H, hb=H)
-            numer = blocks.pow(2).sum((-2, -1)).sqrt()
+            numers = []
+            for right in rights:
+                b = einops.rearrange(right[lb], "hb m k2 -> m (hb k2)")
+                blocks = einops.rearrange(a @ b, "(la ha k) (hb k2) -> la ha hb k k2", la=lb, ha=H, hb=H)
+                numers.append(blocks.pow(2).sum((-2, -1)).sqrt())
         else:
-            t = (right[lb] @ right[lb].transpose(-2, -1)).flatten(-2)  # [hb, d_model²]
-            numer = einops.einsum(earlier.gram[:lb], t, "la ha n, hb n -> la ha hb").clamp(min=0).sqrt()
-        scores[:lb, :, lb, :] = numer / earlier.norm[:lb, :, None] / right_norm[lb][None, None, :]
+            t = torch.cat([_upper_gram(right[lb], doubled=False) for right in rights])  # [kinds·hb, n_upper]
+            both = einops.einsum(earlier.gram[:lb], t, "la ha n, khb n -> la ha khb").clamp(min=0).sqrt()
+            numers = both.split(H, dim=-1)
+        for score, numer, right_norm in zip(scores, numers, right_norms):
+            score[:lb, :, lb, :] = numer / earlier.norm[:lb, :, None] / right_norm[lb][None, None, :]
     return scores
 
 
@@ -189,20 +227,72 @@ def pair_mask(n_layers: int, n_heads: int, device: torch.device | str | None = N
     return (layers[:, None, None, None] < layers[None, None, :, None]).expand(n_layers, n_heads, n_layers, n_heads)
 
 
+_Grams = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _baseline_from_grams(grams: _Grams) -> Float[Tensor, " n"]:
+    """Scores of W_A = W_V·W_O, W_B = X·Y from G_V = W_VᵀW_V, G_O = W_O·W_Oᵀ, M = W_O·X, G_X = XᵀX, G_Y = Y·Yᵀ.
+
+    ‖W_A·W_B‖² = tr(G_V·M·G_Y·Mᵀ), ‖W_A‖² = tr(G_V·G_O), ‖W_B‖² = tr(G_X·G_Y): all d_head × d_head.
+    """
+    G_V, G_O, M, G_X, G_Y = grams
+
+    def trace(A: Tensor, B: Tensor) -> Tensor:  # tr(A·B), batched
+        return (A * B.transpose(-2, -1)).sum((-2, -1))
+
+    return (trace(G_V @ M, G_Y @ M.transpose(-2, -1)) / trace(G_V, G_O) / trace(G_X, G_Y)).sqrt()
+
+
+def _direct_grams(n: int, d_model: int, d_head: int, seed: int) -> _Grams:
+    """The five d_head × d_head matrices of `_baseline_from_grams` from explicit Gaussian W_V, W_O, X, Y."""
+    gen = torch.Generator().manual_seed(seed)
+    W_V, X = (torch.randn(n, d_model, d_head, generator=gen, dtype=torch.float64) for _ in range(2))
+    W_O, Y = (torch.randn(n, d_head, d_model, generator=gen, dtype=torch.float64) for _ in range(2))
+    return W_V.mT @ W_V, W_O @ W_O.mT, W_O @ X, X.mT @ X, Y @ Y.mT
+
+
+def _bartlett(n: int, d: int, dof: int) -> Float[Tensor, "n d d"]:
+    """Lower-triangular L with L·Lᵀ ~ Wishart_d(dof, I) (Bartlett): L_ii² ~ χ²(dof − i), L_ij ~ N(0, 1) below."""
+    chi2 = torch.distributions.Chi2(torch.arange(dof, dof - d, -1, dtype=torch.float64)).sample((n,))
+    return torch.randn(n, d, d, dtype=torch.float64).tril(-1) + torch.diag_embed(chi2.sqrt())
+
+
+def _reduced_grams(n: int, d_model: int, d_head: int, seed: int) -> _Grams:
+    """The same five matrices drawn in distribution without forming any d_model-sized matrix (d_model ≥ d_head).
+
+    G_V and G_Y are Wishart(d_model). With W_Oᵀ = Q·R (thin QR; Q uniform and independent of the Bartlett R),
+    G_O = RᵀR and M = Rᵀ·(QᵀX), where QᵀX is a d_head × d_head Gaussian and XᵀX = (QᵀX)ᵀ(QᵀX) + a
+    Wishart(d_model − d_head) independent of it (rotation invariance of X). Seeded through a forked global RNG
+    (torch's χ² sampler takes no generator), leaving the caller's RNG state untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        L_V, R_O, L_Y = (_bartlett(n, d_head, d_model) for _ in range(3))
+        Z1 = torch.randn(n, d_head, d_head, dtype=torch.float64)
+        rest = d_model - d_head
+        if rest >= d_head:
+            L_2 = _bartlett(n, d_head, rest)
+            G_2 = L_2 @ L_2.mT
+        else:
+            Z2 = torch.randn(n, rest, d_head, dtype=torch.float64)
+            G_2 = Z2.mT @ Z2
+    return L_V @ L_V.mT, R_O @ R_O.mT, R_O @ Z1, Z1.mT @ Z1 + G_2, L_Y @ L_Y.mT
+
+
 @lru_cache(maxsize=32)
 def composition_baseline(d_model: int, d_head: int, n_samples: int = 256, seed: int = 0) -> CompositionBaseline:
     """The composition score of random Gaussian matrices of the heads' shapes: mean and std over `n_samples` pairs.
 
-    Pure function of its arguments (cached). Example: `composition_baseline(768, 64).mean`
+    W_A = W_V·W_O and W_B = X·Y with i.i.d. N(0, 1) factors of shapes [d_model, d_head]·[d_head, d_model]. The
+    score depends on them only through five d_head × d_head matrices (`_baseline_from_grams`), which are drawn
+    directly in distribution when d_model ≥ d_head (`_reduced_grams`: Bartlett factors of Wishart matrices),
+    else computed from explicit Gaussian factors. Float64. Pure function of its arguments (cached).
+    Example: `composition_baseline(768, 64).mean`
     """
     if n_samples < 2:
         raise ValueError(f"n_samples must be at least 2 (a std needs two samples), got {n_samples}")
-    gen = torch.Generator().manual_seed(seed)
-    W_V, X = (torch.randn(n_samples, d_model, d_head, generator=gen) for _ in range(2))
-    W_O, Y = (torch.randn(n_samples, d_head, d_model, generator=gen) for _ in range(2))
-    left, right = _left_factor(W_V, W_O), _right_factor(X, Y)
-    numer = (left @ right).pow(2).sum((-2, -1)).sqrt()
-    s = numer / left.pow(2).sum((-2, -1)).sqrt() / right.pow(2).sum((-2, -1)).sqrt()
+    draw = _reduced_grams if d_model >= d_head else _direct_grams
+    s = _baseline_from_grams(draw(n_samples, d_model, d_head, seed))
     return CompositionBaseline(float(s.mean()), float(s.std()), n_samples, seed, d_model, d_head)
 
 
@@ -229,7 +319,7 @@ def composition_scores(
     require_attention(model, "composition_scores")
     with torch.no_grad():
         earlier = _EarlierHeads(_left_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O")))
-        scores = _pair_scores(earlier, _right_factors(model, kind, fold_layernorm), method)
+        (scores,) = _pair_scores(earlier, [_right_factors(model, kind, fold_layernorm)], method)
     return _result(model, kind, scores, fold_layernorm, baseline_samples, seed)
 
 
@@ -249,7 +339,8 @@ def all_composition_scores(
     require_attention(model, "all_composition_scores")
     with torch.no_grad():
         earlier = _EarlierHeads(_left_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O")))
-        scores = {kind: _pair_scores(earlier, _right_factors(model, kind, fold_layernorm), method) for kind in KINDS}
+        rights = [_right_factors(model, kind, fold_layernorm) for kind in KINDS]
+        scores = dict(zip(KINDS, _pair_scores(earlier, rights, method)))
     return {kind: _result(model, kind, s, fold_layernorm, baseline_samples, seed) for kind, s in scores.items()}
 
 

@@ -1,0 +1,60 @@
+"""The analyses end to end: they run, write their report and summary, and their conclusions hold."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analyses import bigram_skiptrigram, induction
+from circuits.models.zoo import model_card
+
+
+@pytest.fixture(scope="module")
+def induction_summary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("induction")
+    induction.main(["--model", "attn2l-induction", "--out", str(out)])
+    assert (out / "report.html").stat().st_size > 0
+    return json.loads((out / "summary.json").read_text())["models"]["attn2l-induction"]
+
+
+def test_three_lenses_name_the_same_heads_on_attn2l_induction(induction_summary):
+    """The agreement section: weights, activations and discovery name one previous-token and one induction head."""
+    agree = induction_summary["agreement"]
+    for role in ("previous_token_head", "induction_head"):
+        named = agree[role]["named"]
+        assert set(named) == {"weights", "activations", "discovery"}
+        assert agree[role]["agree"], named
+        assert len(set(named.values())) == 1 and None not in named.values()
+
+
+def test_the_agreed_heads_are_the_cards_heads(induction_summary):
+    """What the lenses agree on is what the card measured from attention patterns (an independent reading)."""
+    card = model_card("attn2l-induction")
+    prev = {f"L{layer}H{head}" for layer, head in card["previous_token_heads"]}
+    ind = {f"L{layer}H{head}" for layer, head in card["induction_heads"]}
+    named = induction_summary["agreement"]
+    assert named["previous_token_head"]["named"]["weights"] in prev
+    assert named["induction_head"]["named"]["weights"] in ind
+
+
+def test_discovery_circuit_is_faithful(induction_summary):
+    d = induction_summary["lenses"]["discovery"]
+    assert d["acdc_faithfulness"] > 0.8, d["acdc_faithfulness"]
+    assert d["acdc_edges"] > 0 and d["acdc_forwards"] > d["acdc_edges"]
+
+
+def test_bigram_skiptrigram_recovers_the_planted_structure(tmp_path):
+    summary = bigram_skiptrigram.main(["--out", str(tmp_path)])["models"]
+    assert (tmp_path / "report.html").stat().st_size > 0
+    bigram = summary["attn0l-bigram"]
+    assert bigram["correlation_row_centred"] > 0.9
+    skip = summary["attn1l-skiptrigram"]
+    assert skip["recall"]["27"]["all_heads"] == 1.0, skip["recall"]
+
+
+def test_analyses_reject_an_unknown_model(tmp_path):
+    with pytest.raises(ValueError, match="--model"):
+        induction.main(["--model", "no-such-model", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="layers"):
+        bigram_skiptrigram.main(["--model", "attn2l-induction", "--out", str(tmp_path)])

@@ -7,12 +7,15 @@ Each checkpoint is regenerated, bit for bit on the same machine, by one command:
     python -m circuits.models.zoo --name attn2l-induction      # or --all
 
 The recipes (data, model shape, training settings, what the card measures) are in `zoo_recipes`.
+`python -m circuits.models.zoo --table` prints a Markdown table of the available checkpoints, made from
+their cards; `--readme PATH` (repeatable) also writes it between `<!-- zoo:start -->` and `<!-- zoo:end -->`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from circuits.models.io import load
 ZOO_DIR = Path(__file__).parent / "zoo"
 CARD = "card.json"
 NAMES = ("attn0l-bigram", "attn1l-skiptrigram", "attn2l-induction", "attn2l-pycode")
+START, END = "<!-- zoo:start -->", "<!-- zoo:end -->"
+MARKERS = re.compile(rf"^{re.escape(START)}[ \t]*$(.*?)^{re.escape(END)}[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
 def available() -> list[str]:
@@ -61,15 +66,101 @@ def model_card(name: str) -> dict:
     return json.loads((zoo_path(name) / CARD).read_text())
 
 
+def _heads(rows: list) -> str:
+    return ", ".join(f"L{row[0]}H{row[1]}" for row in rows)
+
+
+def card_contents(card: dict) -> str:
+    """What a card says the model contains, in one short line (from the card's measured fields)."""
+    m = card.get("measurements", {})
+    parts = []
+    if "bigram_correlation" in m:
+        parts.append(f"direct path W_E·W_U vs log transition: r = {m['bigram_correlation']:.4f}")
+    if "kl_to_chain" in m:
+        parts.append(f"KL to the chain {m['kl_to_chain']:.4f}")
+    if "completion_accuracy" in m:
+        parts.append(f"skip-trigram A…B→C completion accuracy {m['completion_accuracy']:.4f}")
+    if card.get("skip_trigram_heads"):
+        parts.append(f"B→A heads {_heads(card['skip_trigram_heads'])}")
+    if card.get("previous_token_heads"):
+        parts.append(f"previous-token heads {_heads(card['previous_token_heads'])}")
+    if card.get("induction_heads"):
+        parts.append(f"induction heads {_heads(card['induction_heads'])}")
+    if "second_copy_accuracy" in m:
+        parts.append(f"second-copy top-1 accuracy {m['second_copy_accuracy']:.4f}")
+    if "in_context_drop" in m:
+        parts.append(f"in-context loss drop {m['in_context_drop']:.4f} nats on repeated held-out code")
+    return "; ".join(parts) or "-"
+
+
+def table_markdown(names: list[str] | None = None) -> str:
+    """A Markdown table of the checkpoints `names` (default: every available one), made from their cards."""
+    names = available() if names is None else names
+    lines = [
+        "| model | layers × heads | d_model | vocab | params | steps | train s | held-out loss | contains (measured) |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name in names:
+        card = model_card(name)
+        a, t = card["architecture"], card["training"]
+        shape = f"{a['n_layers']} × {a['n_heads']}" if a["n_layers"] else "0 (embed → unembed)"
+        lines.append(
+            f"| `{name}` | {shape} | {a['d_model']} | {a['d_vocab']} | {a['n_params']:,} | {t['steps']:,} "
+            f"| {t['train_seconds']:.1f} | {card['heldout_loss']:.4f} | {card_contents(card)} |"
+        )
+    if not names:
+        lines.append("| (no checkpoint present) | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def table_block(names: list[str] | None = None) -> str:
+    """The table and a note on where it comes from: what `--readme` writes between the markers."""
+    return (
+        table_markdown(names)
+        + "\n\nHeld-out loss in nats per token, each on the held-out set its card defines. Written by "
+        "`python -m circuits.models.zoo --table --readme README.md --readme docs/zoo.md` from the cards."
+    )
+
+
+def rewrite_block(path: str | Path, block: str) -> bool:
+    """Replace what lies between the lines `<!-- zoo:start -->` and `<!-- zoo:end -->` in file `path` by `block`.
+
+    A marker counts only on a line of its own, so prose that quotes the markers is left alone. Returns whether
+    the file changed (a second call with the same block changes nothing).
+    """
+    path = Path(path)
+    text = path.read_text()
+    found = MARKERS.search(text)
+    if found is None:
+        raise ValueError(f"readme: {path} has no {START} … {END} block (each marker on a line of its own)")
+    new = text[: found.start(1)] + "\n" + block.strip("\n") + "\n" + text[found.end(1) :]
+    if new == text:
+        return False
+    path.write_text(new)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m circuits.models.zoo", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--name", choices=NAMES, help="regenerate one checkpoint")
     group.add_argument("--all", action="store_true", help="regenerate every checkpoint")
     group.add_argument("--card", choices=NAMES, help="print a checkpoint's card")
+    group.add_argument("--table", action="store_true", help="print a Markdown table of the available checkpoints")
+    parser.add_argument("--readme", type=Path, action="append", default=[], metavar="PATH",
+                        help=f"with --table: also write the table between {START} and {END} in PATH (repeatable)")
     parser.add_argument("--out", type=Path, default=ZOO_DIR, help="folder to write <name>/ into (default: the zoo)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.readme and not args.table:
+        parser.error("--readme: only with --table")
+    if args.table:
+        block = table_block()
+        print(block)
+        for path in args.readme:
+            changed = rewrite_block(path, block)
+            print(f"{path}: {'rewritten' if changed else 'unchanged'}", file=sys.stderr)
+        return 0
     if args.card:
         print(json.dumps(model_card(args.card), indent=2))
         return 0

@@ -21,7 +21,7 @@ import transformer_lens.patching as tlp
 
 from bench.conftest import FULL
 from circuits.activations import activation_patch, attribution_patch
-from circuits.models import attn_only
+from circuits.models import attn_only, random_gpt2
 from circuits.tasks import induction_task
 
 SUFFIX = "-gpt2small" if FULL else "-small"
@@ -33,30 +33,10 @@ MIN_CORRELATION = 0.95
 _RESULTS: dict[tuple[str, str], torch.Tensor] = {}
 
 
-def gpt2_bridge(*, n_layers: int, d_model: int, n_heads: int, d_vocab: int, n_ctx: int, seed: int = 0):
-    """A GPT-2-shaped model with random weights, through boot_transformers, with a locally built tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformer_lens import TransformerBridge
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(d_vocab)}, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="w0", eos_token="w0", unk_token="w0",
-                                  pad_token="w0")
-    tok.init_kwargs["name_or_path"] = "local-gpt2-bench"  # else get_tokenizer_with_bos tries the hub
-    tok.init_kwargs["add_bos_token"] = True
-    torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=d_vocab, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
-                                    n_head=n_heads)).eval()
-    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tok)
-    model.eval()
-    return model
-
-
 @pytest.fixture(scope="module")
 def model():
     if FULL:
-        return gpt2_bridge(n_layers=12, d_model=768, n_heads=12, d_vocab=D_VOCAB, n_ctx=64)
+        return random_gpt2(n_layers=12, d_model=768, n_heads=12, d_vocab=D_VOCAB, n_ctx=64)
     return attn_only(2, 64, 4, 16, d_vocab=D_VOCAB, n_ctx=32, seed=0)
 
 

@@ -8,7 +8,7 @@ import transformer_lens.patching as tlp
 from jaxtyping import TypeCheckError
 
 from circuits.activations import Site, activation_patch
-from circuits.models import ModelSpec, build
+from circuits.models import ModelSpec, build, random_gpt2
 from circuits.tasks import Task, induction_task
 
 TOL = 1e-5
@@ -40,27 +40,7 @@ def mlp_model():
 @pytest.fixture(scope="module")
 def gpt2_tiny():
     """A GPT-2-shaped model with random weights, through boot_transformers, with a locally built tokenizer."""
-    return gpt2_bridge(n_layers=2, d_model=32, n_heads=4, d_vocab=40, n_ctx=24)
-
-
-def gpt2_bridge(*, n_layers: int, d_model: int, n_heads: int, d_vocab: int, n_ctx: int, seed: int = 0):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformer_lens import TransformerBridge
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(d_vocab)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="w0", eos_token="w0", unk_token="w0",
-                                  pad_token="w0")
-    tok.init_kwargs["name_or_path"] = "local-gpt2-test"  # else get_tokenizer_with_bos tries the hub
-    tok.init_kwargs["add_bos_token"] = True
-    torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=d_vocab, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
-                                    n_head=n_heads)).eval()
-    model = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tok)
-    model.eval()
-    return model
+    return random_gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=40, n_ctx=24)
 
 
 @pytest.fixture(scope="module")

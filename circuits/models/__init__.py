@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING
 
 from circuits.models.build import ModelSpec, attn_only, build, has_layernorm, is_attn_only, spec_of
+from circuits.models.gpt2 import random_gpt2
 from circuits.models.io import load, save
 from circuits.models.planted import PlantedHeads, planted_induction
 from circuits.models.tokenizer import BPETokenizer
@@ -31,6 +32,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "BPETokenizer", "ModelSpec", "PlantedHeads", "planted_induction", "TrainLog", "attn_only", "build",
     "has_layernorm", "is_attn_only",
-    "load", "next_token_loss", "save", "spec_of", "train",
+    "load", "next_token_loss", "random_gpt2", "save", "spec_of", "train",
     "available", "load_pretrained", "model_card",
 ]

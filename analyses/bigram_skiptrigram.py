@@ -25,11 +25,11 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from analyses.common import load_model, pearson, resolve_device
+from analyses.common import load_model, pearson, resolve_device, write_outputs
 from circuits.models.zoo import available, model_card
 from circuits.tasks import MarkovChain, SkipTrigramTable, markov_chain, skip_trigram_table
 from circuits.weights import bigram_table, skip_trigrams
-from viz import Section, draw_bar, draw_heatmap, report
+from viz import Section, draw_bar, draw_heatmap
 
 DEFAULT_MODELS = ("attn0l-bigram", "attn1l-skiptrigram")
 MARKOV_DEFAULTS = {"n_states": 64, "support": 6, "floor": 0.05, "seed": 0}
@@ -149,11 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--model {name!r}: this analysis reads 0- and 1-layer models; it has {n_layers} layers")
         summary["models"][name] = result
         sections.append(section)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    path = report(sections, args.out / "report.html", title="Bigrams and skip-trigrams, read from the weights",
+    write_outputs(args.out, summary, sections, title="Bigrams and skip-trigrams, read from the weights",
                   subtitle="0- and 1-layer zoo models against their planted ground truth")
-    print(f"wrote {path} and {args.out / 'summary.json'}")
     return summary
 
 

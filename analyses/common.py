@@ -39,3 +39,16 @@ def pearson(a: Tensor, b: Tensor) -> float:
     keep = a.isfinite() & b.isfinite()
     a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def write_outputs(out: Path, summary: dict, sections: list, *, title: str, subtitle: str) -> Path:
+    """Write `out/summary.json` and the standalone `out/report.html`; print and return the report's path."""
+    import json
+
+    from viz import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    path = report(sections, out / "report.html", title=title, subtitle=subtitle)
+    print(f"wrote {path} and {out / 'summary.json'}")
+    return path

@@ -15,7 +15,6 @@ Writes `report.html` and `summary.json` under `--out`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,13 @@ from typing import Any
 import torch
 from transformer_lens import TransformerBridge
 
-from analyses.common import load_model, pearson, resolve_device
+from analyses.common import load_model, pearson, resolve_device, write_outputs
 from circuits.activations import activation_patch, attribution_patch, direct_logit_attribution
 from circuits.graph import acdc, eap, faithfulness
 from circuits.results import head_name
 from circuits.tasks import Task, code_induction_task, induction_task
 from circuits.weights import classify_heads, composition_scores
-from viz import Section, draw_composition, draw_dla, draw_result, report
+from viz import Section, draw_composition, draw_dla, draw_result
 from viz.circuit import draw_circuit
 
 DEFAULT_MODELS = ("attn2l-induction", "attn2l-pycode")
@@ -256,11 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
         result, secs = analyse(name, model, batch=args.batch, threshold=args.threshold, seed=args.seed)
         summary["models"][name] = result
         sections += secs
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    path = report(sections, args.out / "report.html", title="One induction circuit, three lenses",
+    write_outputs(args.out, summary, sections, title="One induction circuit, three lenses",
                   subtitle="weights · activations · discovery")
-    print(f"wrote {path} and {args.out / 'summary.json'}")
     return summary
 
 

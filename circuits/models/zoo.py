@@ -88,6 +88,8 @@ def card_contents(card: dict) -> str:
         parts.append(f"induction heads {_heads(card['induction_heads'])}")
     if "second_copy_accuracy" in m:
         parts.append(f"second-copy top-1 accuracy {m['second_copy_accuracy']:.4f}")
+    if card["architecture"]["n_layers"] >= 2 and not card.get("induction_heads") and "head_score_threshold" in card:
+        parts.append(f"no induction head scores above {card['head_score_threshold']}")
     if "in_context_drop" in m:
         parts.append(f"in-context loss drop {m['in_context_drop']:.4f} nats on repeated held-out code")
     return "; ".join(parts) or "-"

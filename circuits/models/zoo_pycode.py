@@ -17,7 +17,8 @@ from circuits.models.zoo_recipes import HELDOUT_SEED, Recipe, head_measurements
 VOCAB = 1024
 N_CTX = 128
 REPEAT_LEN = (8, 48)  # length range of a repeated snippet in the mixed-in rows
-MIX = {"plain_code": 0.5, "repeated_code": 0.25, "repeated_random_tokens": 0.25}
+MIX = {"plain_code": 0.25, "repeated_code": 0.25, "repeated_random_tokens": 0.5}
+MAX_OFFSET = 24  # repeated rows start their first copy after 0..24 code tokens, drawn per batch
 EVAL_HALF_LEN = 48
 
 
@@ -39,8 +40,10 @@ def _make_data():
 
 
 class MixedRows:
-    """Training batches: half plain code windows, a quarter [BOS, s, s, code…] with s a code snippet, a quarter
-    [BOS, x, x, code…] with x distinct random tokens; |s|, |x| uniform in REPEAT_LEN, drawn per batch."""
+    """Training batches (fractions in MIX): plain code windows; [BOS, c, s, s, code…] with s a code snippet;
+    [BOS, c, x, x, code…] with x distinct random tokens. |s|, |x| uniform in REPEAT_LEN and the length of the
+    code prefix c uniform in 0..MAX_OFFSET, drawn per batch (the offset keeps a head from finding the earlier
+    copy by position alone)."""
 
     def __init__(self, stream: torch.Tensor, bos: int, vocab: int):
         self.stream, self.bos, self.vocab = stream, bos, vocab
@@ -52,13 +55,15 @@ class MixedRows:
         n_rand = round(batch * MIX["repeated_random_tokens"])
         n_plain = batch - n_code - n_rand
         half = int(torch.randint(REPEAT_LEN[0], REPEAT_LEN[1] + 1, (1,), generator=gen))
+        offset = int(torch.randint(0, MAX_OFFSET + 1, (1,), generator=gen))
         plain = random_windows(self.stream, n_plain, N_CTX - 1, generator=gen)
         code = random_windows(self.stream, n_code, half, generator=gen)
         pool = torch.tensor([t for t in range(self.vocab) if t != self.bos])
         rand = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:half]] for _ in range(n_rand)])
         snippets = torch.cat([code, rand])
-        rest = random_windows(self.stream, len(snippets), N_CTX - 1 - 2 * half, generator=gen)
-        repeated = torch.cat([snippets, snippets, rest], dim=1)
+        prefix = random_windows(self.stream, len(snippets), offset, generator=gen)
+        rest = random_windows(self.stream, len(snippets), N_CTX - 1 - offset - 2 * half, generator=gen)
+        repeated = torch.cat([prefix, snippets, snippets, rest], dim=1)
         rows = torch.cat([plain, repeated])
         return torch.cat([torch.full((batch, 1), self.bos, dtype=torch.long), rows], dim=1)
 
@@ -139,13 +144,25 @@ def pycode_recipe(steps: int = 6000) -> Recipe:
         measure=measure_pycode,
         threads=2,
         weight_decay=0.01,
+        notes=[
+            "In-context learning is weak and no induction head formed in this budget (6000 steps of 32 x 128 "
+            "tokens, 24.6M tokens, about 18 minutes on 2 CPU threads): no head scores above 0.4 as a previous-token "
+            "or induction head; the largest induction score is L1H5's (see head_scores). The loss drop on the second "
+            "copy of repeated code is real but small, and repeated random tokens are barely predicted.",
+            "Tried, same shape and steps: (1) mix 50% plain code, 25% repeated code, 25% repeated random tokens, "
+            "with the first copy always right after BOS: held-out loss 3.4089, in-context drop 0.180 nats, the same "
+            "absence of induction heads; (2) this recipe (more repeated random rows, a random code prefix before "
+            "the first copy): held-out loss 3.4049, drop 0.241 nats. attn2l-induction, trained on repeated random "
+            "tokens alone with a 64-token vocabulary, forms both head types in 2000 steps; at 1024 tokens and on "
+            "code, more training than this budget allows appears to be needed.",
+        ],
         data={
             "description": "the running interpreter's stdlib .py files (circuits.tasks.code_corpus(): no tests, "
             "site-packages, encodings, lib2to3, pydoc_data), minus the held-out modules, tokenized by a byte-level "
             f"BPE with {VOCAB} tokens trained on the training files; rows of {N_CTX} tokens (BOS + {N_CTX - 1}); "
-            f"mix per batch: {MIX}; a repeated row is [BOS, s, s, code…] with |s| drawn per batch from "
-            f"{REPEAT_LEN[0]}..{REPEAT_LEN[1]}",
-            "mix": MIX, "repeat_len_range": list(REPEAT_LEN), "vocab_size": VOCAB,
+            f"mix per batch: {MIX}; a repeated row is [BOS, c, s, s, code…] with |s| drawn per batch from "
+            f"{REPEAT_LEN[0]}..{REPEAT_LEN[1]} and the code prefix c of 0..{MAX_OFFSET} tokens",
+            "mix": MIX, "repeat_len_range": list(REPEAT_LEN), "max_offset": MAX_OFFSET, "vocab_size": VOCAB,
             "heldout_modules": "circuits.tasks.HELDOUT_MODULES",
         },
     )

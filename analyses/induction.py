@@ -26,6 +26,7 @@ from transformer_lens import TransformerBridge
 from analyses.common import load_model, pearson, resolve_device, write_outputs
 from circuits.activations import activation_patch, attribution_patch, direct_logit_attribution
 from circuits.graph import acdc, eap, faithfulness
+from circuits.models.head_scores import induction_scores, previous_token_scores
 from circuits.results import head_name
 from circuits.tasks import Task, code_induction_task, induction_task
 from circuits.weights import classify_heads, composition_scores
@@ -96,7 +97,7 @@ def activations_lens(model: TransformerBridge, task: Task) -> tuple[Lens, list[S
     text = (f"Noising a head's output (clean run, corrupted activation patched in) costs most at {prev} in layer 0 "
             f"({cost[0].max():.2f} of the clean–corrupted gap) and at {ind} in layer 1 ({cost[1].max():.2f}). "
             f"Attribution patching, per head and position, correlates with activation patching at r = {r:.3f}. "
-            f"DLA puts the largest direct effect on {dla.top(1)[0][0]}.")
+            f"DLA puts the largest direct effect on {''.join(dla.top(1)[0][0])}.")
     figures = [draw_result(noising, title="noising: normalised metric with one head's output corrupted"),
                draw_result(denoising, title="denoising: normalised metric with one head's output restored"),
                draw_result(act_pos, title="activation patching per head and position (denoising)"),
@@ -178,6 +179,24 @@ def agreement(lenses: dict[str, Lens]) -> dict[str, Any]:
     return out
 
 
+def pattern_check(model: TransformerBridge, task: Task) -> dict[str, Any]:
+    """Not a lens but a check on them: the heads whose attention patterns on the clean rows ([BOS, x, x]) look
+    most like a previous-token head in layer 0 and an induction head in layer 1 (`circuits.models.head_scores`)."""
+    half_len = (task.seq_len - 1) // 2
+    prev = previous_token_scores(model, task.clean)[0]
+    ind = induction_scores(model, task.clean, half_len)[1]
+    return {"previous_token_head": head_name(0, int(prev.argmax())),
+            "previous_token_score": round(float(prev.max()), 4),
+            "induction_head": head_name(1, int(ind.argmax())), "induction_score": round(float(ind.max()), 4)}
+
+
+def pattern_text(check: dict[str, Any]) -> str:
+    return (f"Attention patterns on the clean rows, a check outside the three lenses: the layer-0 head attending "
+            f"most to the previous token is {check['previous_token_head']} (mean attention "
+            f"{check['previous_token_score']:.2f}); the layer-1 head attending most to the token after the earlier "
+            f"copy is {check['induction_head']} (mean attention {check['induction_score']:.2f}).")
+
+
 def agreement_text(model_name: str, agree: dict[str, Any]) -> str:
     lines = []
     for role, label in (("previous_token_head", "previous-token head"), ("induction_head", "induction head")):
@@ -193,6 +212,9 @@ def disagreement_text(lenses: dict[str, Lens]) -> str:
     top = w["top_k_composition_by_zscore"]
     parts = [f"Margins: the top K-composition pair {top[0][0]} → {top[0][1]} has z = {top[0][2]:.1f}, the next "
              f"{top[1][0]} → {top[1][1]} z = {top[1][2]:.1f}."]
+    if top[0][2] - top[1][2] < 1.0:
+        parts.append("K-composition does not single out one pair here: the top two z-scores are within 1 of "
+                     "each other, so the weights lens's pick is a near tie.")
     cost = sorted(((v, k) for k, v in a["noising_cost"].items() if k.startswith("L1")), reverse=True)
     if len(cost) > 1:
         parts.append(f"Noising costs {cost[0][1]} {cost[0][0]:.2f} of the metric and {cost[1][1]} {cost[1][0]:.2f}.")
@@ -224,13 +246,15 @@ def analyse(name: str, model: TransformerBridge, *, batch: int, threshold: float
         timings[lens_name] = round(time.perf_counter() - start, 2)
         sections += secs
     agree = agreement(lenses)
-    text = agreement_text(name, agree) + "\n\n" + disagreement_text(lenses)
+    check = pattern_check(model, task)
+    text = agreement_text(name, agree) + " " + pattern_text(check) + "\n\n" + disagreement_text(lenses)
     sections.insert(0, Section(f"{name}: where the lenses agree, and where they do not", text, []))
     summary = {
         "task": {"name": task.name, "batch": task.batch, "seq_len": task.seq_len, "metric": task.metric.value},
         "lenses": {k: {"previous_token_head": v.previous_token_head, "induction_head": v.induction_head,
                        **v.evidence} for k, v in lenses.items()},
         "agreement": agree,
+        "attention_pattern_check": check,
         "seconds": timings,
     }
     return summary, [Section(f"{name}: {s.title}", s.text, s.figures) if not s.title.startswith(name) else s

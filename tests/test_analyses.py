@@ -38,6 +38,14 @@ def test_the_agreed_heads_are_the_cards_heads(induction_summary):
     assert named["induction_head"]["named"]["weights"] in ind
 
 
+def test_attention_patterns_confirm_the_agreed_heads(induction_summary):
+    """The attention-pattern check (a forward pass, outside the three lenses) finds the same two heads."""
+    check, named = induction_summary["attention_pattern_check"], induction_summary["agreement"]
+    assert check["previous_token_head"] == named["previous_token_head"]["named"]["activations"]
+    assert check["induction_head"] == named["induction_head"]["named"]["activations"]
+    assert check["previous_token_score"] > 0.4 and check["induction_score"] > 0.4, check
+
+
 def test_discovery_circuit_is_faithful(induction_summary):
     d = induction_summary["lenses"]["discovery"]
     assert d["acdc_faithfulness"] > 0.8, d["acdc_faithfulness"]

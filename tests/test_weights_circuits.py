@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import perturb_norms_and_biases
 
 from circuits.models import attn_only
 from circuits.weights import attention_scale, bigram_table, full_ov_circuit, full_qk_circuit
 
 
-def _perturb_norms_and_biases(model, seed: int = 0) -> None:
-    """Give LayerNorm weights/biases and every bias non-trivial values (init leaves them 1 and 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name or "ln" in name:
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-
-
 @pytest.fixture(scope="module")
 def ln_model():
     model = attn_only(2, 24, 3, 8, d_vocab=20, n_ctx=12, seed=5)
-    _perturb_norms_and_biases(model)
+    perturb_norms_and_biases(model)
     return model
 
 
@@ -72,7 +64,7 @@ def test_full_qk_brute_force_with_layernorm_folded(ln_model):
 @pytest.mark.parametrize("layernorm", [True, False])
 def test_bigram_table_is_the_zero_layer_model(layernorm):
     m = attn_only(0, 16, 2, 8, d_vocab=20, n_ctx=10, layernorm=layernorm, seed=7)
-    _perturb_norms_and_biases(m)
+    perturb_norms_and_biases(m)
     tokens = torch.randint(0, 20, (3, 10))
     logits = m(tokens)
     for p in (0, 4, 9):

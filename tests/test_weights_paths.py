@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import perturb_norms_and_biases
 from jaxtyping import TypeCheckError
 
 from circuits.models import ModelSpec, attn_only, build
 from circuits.weights import path_expansion
-
-
-def _perturb_norms_and_biases(model, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name or "ln" in name:
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
 
 
 def _rel_err(a, b) -> float:
@@ -27,7 +20,7 @@ def _rel_err(a, b) -> float:
 def test_terms_sum_to_logits(n_layers, layernorm):
     """Exact identity given the cached patterns and LN scales: 1e-5 of max |logit| (float32), LN or not."""
     model = attn_only(n_layers, 32, 4, 8, d_vocab=24, n_ctx=16, layernorm=layernorm, seed=3)
-    _perturb_norms_and_biases(model)
+    perturb_norms_and_biases(model)
     tokens = torch.randint(0, 24, (3, 16))
     pe = path_expansion(model, tokens)
     H = 4

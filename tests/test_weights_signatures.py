@@ -7,6 +7,7 @@ import copy
 import einops
 import pytest
 import torch
+from helpers import perturb_norms_and_biases
 
 from circuits.models import attn_only
 from circuits.models.build import ModelSpec, build
@@ -35,21 +36,13 @@ def test_copying_scores_equal_brute_force_eigenvalues(tiny2):
     assert (scores.abs() <= 1 + 1e-6).all()
 
 
-def _perturb_norms_and_biases(model, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "bias" in name or "ln" in name:
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-
-
 @pytest.mark.parametrize("layernorm", [True, False])
 def test_positional_attention_is_the_pattern_when_every_token_embeds_alike(layernorm):
     """Oracle: with every row of W_E equal, the average token is the token and the σ over the vocabulary is
     the σ of the input, so the weight-only positional pattern is the model's layer-0 pattern exactly
     (LayerNorm weights/biases and q/k biases perturbed)."""
     m = attn_only(1, 24, 3, 8, d_vocab=20, n_ctx=12, layernorm=layernorm, seed=11)
-    _perturb_norms_and_biases(m)
+    perturb_norms_and_biases(m)
     with torch.no_grad():
         m.embed.weight.copy_(torch.randn(24).expand(20, 24))
     _, cache = m.run_with_cache(torch.randint(0, 20, (1, 12)))

@@ -8,6 +8,9 @@ d_model 64 model. Both: an induction task of batch 8 and 15 tokens. Activation p
 metric (logit difference) of every patched run: each side asserts equal values (1e-5 of the largest
 |value|) with the other's result, computed once per session.
 
+In both modes, the setting the speed targets are stated for: `attn2l-induction` from the zoo on an induction task
+of 32 rows × 35 tokens (z and resid_pre by position against transformer_lens, outputs asserted equal).
+
 Attribution patching is a first-order estimate, not the same number: its group ("attribution-vs-activation")
 asserts that the estimated effects correlate with the exact ones (Pearson r over every layer × head ×
 position) above a bound measured on these models.
@@ -121,3 +124,40 @@ def test_attribution_vs_activation_ours(run_bench, model, task):
                          rounds=3 if FULL else None)
     _RESULTS.setdefault(("ours", "attribution"), estimate)
     _assert_correlated(estimate, _result("ours", "z", model, task))
+
+
+# --------------------------------------------------------------- the setting: attn2l-induction, 32 × 35
+
+ZOO_GROUP = "activations-patch-{site}-by-pos-attn2l-32x35"
+_ZOO_RESULTS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+@pytest.fixture(scope="module")
+def zoo_model():
+    from circuits.models.zoo import available, load_pretrained
+
+    if "attn2l-induction" not in available():
+        pytest.skip("zoo checkpoint attn2l-induction not built")
+    return load_pretrained("attn2l-induction")
+
+
+@pytest.fixture(scope="module")
+def zoo_task():
+    return induction_task(32, 17, 64, seed=0)  # [BOS, x_1..x_17, x_1..x_17]: 32 rows × 35 tokens
+
+
+def _zoo_result(side: str, site: str, model, task) -> torch.Tensor:
+    if (side, site) not in _ZOO_RESULTS:
+        _ZOO_RESULTS[side, site] = (_ours if side == "ours" else _reference)(model, task, site)
+    return _ZOO_RESULTS[side, site]
+
+
+@pytest.mark.parametrize("site", ["z", "resid_pre"])
+@pytest.mark.parametrize("side", ["ours", "reference"])
+def test_activation_patch_attn2l(run_bench, zoo_model, zoo_task, site, side):
+    fn = _ours if side == "ours" else _reference
+    out = run_bench(lambda: fn(zoo_model, zoo_task, site), group=ZOO_GROUP.format(site=site), side=side)
+    _ZOO_RESULTS.setdefault((side, site), out)
+    other = _zoo_result("reference" if side == "ours" else "ours", site, zoo_model, zoo_task)
+    ours, reference = (out, other) if side == "ours" else (other, out)
+    _assert_equal(ours, reference)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+from circuits.markers import rewrite_marked_block
 
 
 def run_suite(short: bool, select: str | None) -> dict:
@@ -83,14 +83,6 @@ def machine_description() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def replace_block(text: str, block: str) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"markers {START} and {END} not found in the page given to --readme")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{block}\n{END}{tail}"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="small shapes, few rounds (CI's mode)")
@@ -106,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(rows, machine, date)
     print(table)
     for page in args.readme:
-        page.write_text(replace_block(page.read_text(), table))
+        rewrite_marked_block(page, "bench", table)
 
 
 if __name__ == "__main__":

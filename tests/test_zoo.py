@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from circuits.markers import marked_block
 from circuits.models import available, load, load_pretrained, model_card, save, zoo
 from circuits.models.head_scores import attention_patterns, heads_above, induction_scores, previous_token_scores
 from circuits.tasks import (
@@ -197,7 +198,8 @@ def test_rewriting_needs_the_markers(tmp_path):
 def test_shipped_docs_hold_the_current_table(doc):
     """The table in the README and the zoo page is the one the cards give now."""
     path = zoo.ZOO_DIR.parents[2] / doc
-    block = zoo.MARKERS.search(path.read_text()).group(1)
+    block = marked_block(path.read_text(), "zoo")
+    assert block is not None, f"{doc} has no zoo block"
     assert block.strip() == zoo.table_block().strip(), (
         f"{doc} is stale: run python -m circuits.models.zoo --table --readme README.md --readme docs/zoo.md"
     )

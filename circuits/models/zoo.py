@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from transformer_lens import TransformerBridge
 
+from circuits.markers import markers, rewrite_marked_block
 from circuits.models.io import load
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 CARD = "card.json"
 NAMES = ("attn0l-bigram", "attn1l-skiptrigram", "attn2l-induction", "attn2l-pycode")
-START, END = "<!-- zoo:start -->", "<!-- zoo:end -->"
-MARKERS = re.compile(rf"^{re.escape(START)}[ \t]*$(.*?)^{re.escape(END)}[ \t]*$", re.MULTILINE | re.DOTALL)
+START, END = markers("zoo")
 
 
 def available() -> list[str]:
@@ -125,21 +124,8 @@ def table_block(names: list[str] | None = None) -> str:
 
 
 def rewrite_block(path: str | Path, block: str) -> bool:
-    """Replace what lies between the lines `<!-- zoo:start -->` and `<!-- zoo:end -->` in file `path` by `block`.
-
-    A marker counts only on a line of its own, so prose that quotes the markers is left alone. Returns whether
-    the file changed (a second call with the same block changes nothing).
-    """
-    path = Path(path)
-    text = path.read_text()
-    found = MARKERS.search(text)
-    if found is None:
-        raise ValueError(f"readme: {path} has no {START} … {END} block (each marker on a line of its own)")
-    new = text[: found.start(1)] + "\n" + block.strip("\n") + "\n" + text[found.end(1) :]
-    if new == text:
-        return False
-    path.write_text(new)
-    return True
+    """Replace the zoo block of file `path` by `block` (see `circuits.markers`); returns whether it changed."""
+    return rewrite_marked_block(path, "zoo", block)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Circuit discovery on the zoo model `attn2l-induction` (2 layers × 4 heads, 106 edges).
 
 - `graph-acdc-exact`: exact-mode ACDC against the plain algorithm (one full patched forward per edge
-  test, written here as in tests/test_graph_acdc.py); both assert the same circuit. `extra_info` records
-  the forwards each spent (ours: circuits evaluated and batched calls).
+  test: `tests.helpers.reference_acdc`, the oracle of tests/test_graph_acdc.py); both assert the same
+  circuit. `extra_info` records the forwards each spent (ours: circuits evaluated and batched calls).
 - `graph-acdc-batched`: batched mode against exact mode; they need not agree, so `extra_info` records the
   edge-set agreement (Jaccard index, edges only in one) and each circuit's faithfulness.
 - `graph-eap`: EAP of every edge against its budget, three forward passes of the bridge on the same task
@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from bench.conftest import FULL
-from circuits.graph import EdgePatcher, acdc, eap, faithfulness, resolve_metric
+from circuits.graph import acdc, eap, faithfulness
 from circuits.models.zoo import available, load_pretrained
 from circuits.tasks import induction_task
+from tests.helpers import reference_acdc
 
 pytestmark = pytest.mark.skipif("attn2l-induction" not in available(), reason="zoo checkpoint not built")
 BATCH, HALF = (32, 20) if FULL else (8, 10)
@@ -40,31 +41,6 @@ def model():
 @pytest.fixture(scope="module")
 def task():
     return induction_task(BATCH, HALF, 64, seed=0)
-
-
-def reference_acdc(model, task, *, threshold, metric="kl", ablation="resample"):
-    """The plain ACDC algorithm: for each destination from the logits back, for each incoming edge (latest
-    source first), one full patched forward from the embeddings; remove the edge when the loss rises by less
-    than `threshold`. Returns (mask, n_forwards)."""
-    p = EdgePatcher(model, task, ablation)
-    loss = resolve_metric(task, metric, p.clean_logits_full).loss
-    g = p.graph
-    mask = g.valid.clone()
-    current = float(loss(p.run(mask[None]))[0])
-    n_forwards = 1
-    for d in reversed(range(g.n_destinations)):
-        node = g.source_index_of_destination(d)
-        if node is not None and not mask[node].any():
-            mask[:, d] = False
-            continue
-        for s in mask[:, d].nonzero().flatten().tolist()[::-1]:
-            trial = mask.clone()
-            trial[s, d] = False
-            value = float(loss(p.run(trial[None]))[0])
-            n_forwards += 1
-            if value - current < threshold:
-                mask, current = trial, value
-    return mask, n_forwards
 
 
 def _exact(model, task):

@@ -1,8 +1,11 @@
-"""Small helpers shared by test files (importable as `helpers`: pytest puts this folder on sys.path)."""
+"""Small helpers shared by test files (importable as `helpers`: pytest puts this folder on sys.path) and by
+the benchmarks (`tests.helpers`, from the repository root)."""
 
 from __future__ import annotations
 
 import torch
+
+from circuits.graph import EdgePatcher, resolve_metric
 
 
 def perturb_norms_and_biases(model, seed: int = 0) -> None:
@@ -12,3 +15,30 @@ def perturb_norms_and_biases(model, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if "bias" in name or "ln" in name:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def reference_acdc(model, task, *, threshold, metric="kl", ablation="resample", order="latest_first"):
+    """The plain ACDC algorithm: for each destination from the logits back, for each incoming edge in turn,
+    one full forward of the patched model (from the embeddings, every edge mask applied); remove the edge
+    when the loss rises by less than `threshold`. A destination whose head/MLP no longer has an outgoing
+    edge is dropped without a forward. Returns (mask, n_forwards)."""
+    p = EdgePatcher(model, task, ablation)
+    loss = resolve_metric(task, metric, p.clean_logits_full).loss
+    g = p.graph
+    mask = g.valid.clone()
+    current = float(loss(p.run(mask[None]))[0])
+    n_forwards = 1
+    for d in reversed(range(g.n_destinations)):
+        node = g.source_index_of_destination(d)
+        if node is not None and not mask[node].any():
+            mask[:, d] = False
+            continue
+        sources = mask[:, d].nonzero().flatten().tolist()
+        for s in sources[::-1] if order == "latest_first" else sources:
+            trial = mask.clone()
+            trial[s, d] = False
+            value = float(loss(p.run(trial[None]))[0])
+            n_forwards += 1
+            if value - current < threshold:
+                mask, current = trial, value
+    return mask, n_forwards

@@ -1,4 +1,4 @@
-"""ACDC: exact mode against the plain algorithm (one full forward per edge, written here), the planted
+"""ACDC: exact mode against the plain algorithm (one full forward per edge, `helpers.reference_acdc`), the planted
 circuits, the batched mode, bad input."""
 
 from __future__ import annotations
@@ -7,37 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers import reference_acdc
 
-from circuits.graph import ComputeGraph, EdgePatcher, acdc, faithfulness, resolve_metric
+from circuits.graph import ComputeGraph, acdc, faithfulness
 from circuits.models import ModelSpec, build
 from circuits.tasks import induction_task
-
-
-def reference_acdc(model, task, *, threshold, metric="kl", ablation="resample", order="latest_first"):
-    """The plain ACDC algorithm: for each destination from the logits back, for each incoming edge in turn,
-    one full forward of the patched model (from the embeddings, every edge mask applied); remove the edge
-    when the loss rises by less than `threshold`. A destination whose head/MLP no longer has an outgoing
-    edge is dropped without a forward. Returns (mask, n_forwards)."""
-    p = EdgePatcher(model, task, ablation)
-    loss = resolve_metric(task, metric, p.clean_logits_full).loss
-    g = p.graph
-    mask = g.valid.clone()
-    current = float(loss(p.run(mask[None]))[0])
-    n_forwards = 1
-    for d in reversed(range(g.n_destinations)):
-        node = g.source_index_of_destination(d)
-        if node is not None and not mask[node].any():
-            mask[:, d] = False
-            continue
-        sources = mask[:, d].nonzero().flatten().tolist()
-        for s in sources[::-1] if order == "latest_first" else sources:
-            trial = mask.clone()
-            trial[s, d] = False
-            value = float(loss(p.run(trial[None]))[0])
-            n_forwards += 1
-            if value - current < threshold:
-                mask, current = trial, value
-    return mask, n_forwards
 
 
 @pytest.fixture(scope="module")

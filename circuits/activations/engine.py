@@ -14,13 +14,16 @@ reads; the last layer computes queries, attention output and MLP at those positi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
+
+from circuits.activations.key_update import LeaveOneOut, query_row
+from circuits.model_cache import cached_read
 
 _GPT2 = "GPT2LMHeadModel"
 _NATIVE = "TransformerLensNative"
@@ -68,7 +71,13 @@ class Weights:
 
     @classmethod
     def of(cls, model: TransformerBridge) -> Weights:
-        """Read a supported bridge's weights (detached); raises ValueError naming what is unsupported."""
+        """A supported bridge's weights, cached per model while its parameters are unchanged (see
+        `circuits.model_cache`); raises ValueError naming what is unsupported."""
+        return cached_read(model, "activations", cls.read)
+
+    @classmethod
+    def read(cls, model: TransformerBridge) -> Weights:
+        """Read a supported bridge's weights now (detached), bypassing the cache of `of`."""
         problems = unsupported(model)
         if problems:
             raise ValueError("model: the weights engine does not support " + "; ".join(problems))
@@ -155,13 +164,19 @@ def layer_norm(x: Float[Tensor, "*lead d_model"], params: tuple[Tensor, Tensor] 
     return F.layer_norm(x, (x.shape[-1],), params[0], params[1], eps)
 
 
-def project(w: Weights, layer: int, x: Float[Tensor, "*lead d_model"], which: str
-            ) -> Float[Tensor, "*lead head d_head"]:
-    """q, k or v (`which`) of every head from the residual stream `x` (ln1 applied here)."""
+def ln1(w: Weights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
+    """The attention block's LayerNorm (identity without one)."""
+    return layer_norm(x, None if w.ln1 is None else w.ln1[layer], w.eps)
+
+
+def project_normed(w: Weights, layer: int, xn: Float[Tensor, "*lead d_model"], which: str
+                   ) -> Float[Tensor, "*lead head d_head"]:
+    """q, k or v of every head from the normalised residual stream, as one matrix product."""
     W = {"q": w.W_Q, "k": w.W_K, "v": w.W_V}[which][layer]
     b = {"q": w.b_Q, "k": w.b_K, "v": w.b_V}[which][layer]
-    xn = layer_norm(x, None if w.ln1 is None else w.ln1[layer], w.eps)
-    return torch.einsum("...m,hmd->...hd", xn, W) + b
+    H, m, d = W.shape
+    out = torch.addmm(b.reshape(1, H * d), xn.reshape(-1, m), W.transpose(0, 1).reshape(m, H * d))
+    return out.view(*xn.shape[:-1], H, d)
 
 
 def attention_pattern(w: Weights, q: Float[Tensor, "*lead nq d_head"], k: Float[Tensor, "*lead pos d_head"],
@@ -169,7 +184,7 @@ def attention_pattern(w: Weights, q: Float[Tensor, "*lead nq d_head"], k: Float[
     """Causal softmax attention of queries (at positions `q_pos`) over keys 0..pos-1; masked entries are 0."""
     scores = q @ k.transpose(-1, -2) / w.attn_scale
     masked = torch.arange(k.shape[-2], device=q.device)[None, :] > q_pos.to(q.device)[:, None]
-    return scores.masked_fill(masked, float("-inf")).softmax(-1).masked_fill(masked, 0.0)
+    return scores.masked_fill_(masked, float("-inf")).softmax(-1)  # exp(-inf) = 0: masked entries are 0
 
 
 def attend(w: Weights, q: Float[Tensor, "*lead nq head d_head"], k: Float[Tensor, "*lead pos head d_head"],
@@ -182,8 +197,10 @@ def attend(w: Weights, q: Float[Tensor, "*lead nq head d_head"], k: Float[Tensor
 
 
 def attn_output(w: Weights, layer: int, z: Float[Tensor, "*lead head d_head"]) -> Float[Tensor, "*lead d_model"]:
-    """The attention layer's output Σ_h z_h W_O[h] + b_O."""
-    return torch.einsum("...hd,hdm->...m", z, w.W_O[layer]) + w.b_O[layer]
+    """The attention layer's output Σ_h z_h W_O[h] + b_O, as one matrix product."""
+    H, d, m = w.W_O[layer].shape
+    out = torch.addmm(w.b_O[layer][None], z.reshape(-1, H * d), w.W_O[layer].reshape(H * d, m))
+    return out.view(*z.shape[:-2], m)
 
 
 def mlp_output(w: Weights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
@@ -234,7 +251,8 @@ def run(w: Weights, tokens: Int[Tensor, "batch pos"]) -> Run:
     acts: dict[str, list[Tensor]] = {k: [] for k in ("resid_pre", "q", "k", "v", "pattern", "z", "attn_out",
                                                      "resid_mid", "mlp_out")}
     for layer in range(w.n_layers):
-        q, k, v = (project(w, layer, x, which) for which in "qkv")
+        xn = ln1(w, layer, x)
+        q, k, v = (project_normed(w, layer, xn, which) for which in "qkv")
         z, pattern = attend(w, q, k, v, pos)
         attn_out = attn_output(w, layer, z)
         mid = x + attn_out
@@ -257,39 +275,102 @@ def unembed(w: Weights, resid: Float[Tensor, "*lead d_model"], columns: Int[Tens
 # ---------------------------------------------------------------------------------------------- resuming
 
 
+@dataclass(frozen=True)
+class FinalRows:
+    """The base run's final residual stream at the read positions (`base` [batch, n, d_model]) with one row
+    per component replaced: `rows[k]` at read index `at[k]` (−1: the component changes no read position)."""
+
+    base: Float[Tensor, "batch n d_model"]
+    at: Int[Tensor, " k"]
+    rows: Float[Tensor, "k batch d_model"]
+
+    def full(self) -> Float[Tensor, "k batch n d_model"]:
+        """Every component's whole residual stream at the read positions."""
+        hit = (torch.arange(self.base.shape[-2], device=self.at.device)[None, :] == self.at[:, None])
+        return torch.where(hit[:, None, :, None], self.rows[:, :, None], self.base)
+
+
 @dataclass(frozen=True, eq=False)
 class Resume:
     """Continues patched forwards from `base` (the unpatched run being patched) to the residual stream at
-    `read_pos` (the positions the metric reads), which `readout` turns into one metric per component."""
+    `read_pos` (the positions the metric reads), which `readout` turns into one metric per component.
+
+    A change at one position per component uses the leave-one-key-out update of `key_update` in the layer it
+    enters, when that layer's left-out sums fit in `loo_mb` MiB (computed once per layer and kept)."""
 
     w: Weights
     base: Run
     read_pos: Int[Tensor, " n"]
+    loo_mb: float = 256.0
+    _loo: dict[int, LeaveOneOut | None] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:
         return self.w.n_layers
 
-    def from_resid(self, layer: int, x: Float[Tensor, "k batch pos d_model"]) -> Float[Tensor, "k batch n d_model"]:
-        """Run blocks `layer`.. on a stack of residual streams entering block `layer`."""
-        w = self.w
-        pos = torch.arange(x.shape[-2], device=x.device)
-        for i in range(layer, w.n_layers):
-            last = i == w.n_layers - 1
-            q_pos = self.read_pos if last else pos
-            x_q = x[..., q_pos, :] if last else x
-            k, v = project(w, i, x, "k"), project(w, i, x, "v")
-            z, _ = attend(w, project(w, i, x_q, "q"), k, v, q_pos)
-            mid = x_q + attn_output(w, i, z)
-            x = mid + mlp_output(w, i, mid) if w.has_mlp else mid
-        return x if layer < w.n_layers else x[..., self.read_pos, :]
+    def query_positions(self, layer: int) -> Int[Tensor, " nq"]:
+        """The positions whose output block `layer` must compute: all, or the read positions in the last."""
+        if layer == self.n_layers - 1:
+            return self.read_pos
+        return torch.arange(self.base.final.shape[-2], device=self.read_pos.device)
 
-    def from_mid(self, layer: int, mid: Float[Tensor, "k batch q d_model"]) -> Float[Tensor, "k batch n d_model"]:
-        """Finish block `layer` from its resid_mid (all positions; or the read positions in the last layer)."""
+    def leave_one_out(self, layer: int) -> LeaveOneOut | None:
+        """The base run's layer `layer` with each key left out in turn (None when it exceeds `loo_mb`)."""
+        if layer not in self._loo:
+            b, P, H, d = self.base.v[layer].shape
+            q_pos = self.query_positions(layer)
+            mb = 3 * 4 * P * b * len(q_pos) * H * (d + 1) / 2**20
+            base = self.base
+            self._loo[layer] = None if mb > self.loo_mb else LeaveOneOut.of(
+                base.q[layer], base.k[layer], base.v[layer], base.z[layer], base.pattern[layer], q_pos,
+                self.w.attn_scale)
+        return self._loo[layer]
+
+    def from_resid(self, layer: int, x: Float[Tensor, "k batch suffix d_model"], start: int = 0
+                   ) -> Float[Tensor, "k batch n d_model"]:
+        """Run blocks `layer`.. on a stack of residual streams entering block `layer` at positions `start`..
+        (earlier positions are the base run's: their keys and values are read from it, not recomputed)."""
+        w = self.w
+        for i in range(layer, w.n_layers):
+            xn = ln1(w, i, x)
+            k, v = (self._head_major(i, name, project_normed(w, i, xn, name), start) for name in "kv")
+            q_pos = self.query_positions(i)
+            rows = q_pos - start if i == w.n_layers - 1 else torch.arange(x.shape[-2], device=x.device)
+            rows, q_pos = rows[q_pos >= start], q_pos[q_pos >= start]
+            q = project_normed(w, i, xn[..., rows, :], "q")
+            pattern = attention_pattern(w, q.transpose(-2, -3), k, q_pos)
+            mid = x[..., rows, :] + attn_output(w, i, (pattern @ v).transpose(-2, -3))
+            x = mid + mlp_output(w, i, mid) if w.has_mlp else mid
+        if layer == w.n_layers:
+            x = x[..., self.read_pos - start, :]
+        return self._with_base_reads(x, start)
+
+    def _head_major(self, layer: int, name: str, new: Float[Tensor, "k batch suffix head d_head"], start: int
+                    ) -> Float[Tensor, "k batch head pos d_head"]:
+        """Keys or values of every position, head-major: the base run's before `start`, `new` from there."""
+        K, B, _, H, d = new.shape
+        out = new.new_empty(K, B, H, start + new.shape[2], d)
+        out[..., :start, :] = self.base.site(name)[layer][:, :start].transpose(1, 2)
+        out[..., start:, :] = new.transpose(2, 3)
+        return out
+
+    def _with_base_reads(self, x: Float[Tensor, "k batch m d_model"], start: int) -> Float[Tensor, "k batch n d_model"]:
+        """The read positions from `start` on (`x`, in order) completed by the base run's final stream before."""
+        late = self.read_pos >= start
+        if bool(late.all()):
+            return x
+        out = x.new_empty(x.shape[0], x.shape[1], len(self.read_pos), x.shape[-1])
+        out[:, :, ~late] = self.base.final[:, self.read_pos[~late]]
+        out[:, :, late] = x
+        return out
+
+    def from_mid(self, layer: int, mid: Float[Tensor, "k batch q d_model"], start: int = 0
+                 ) -> Float[Tensor, "k batch n d_model"]:
+        """Finish block `layer` from its resid_mid (positions `start`..; the read positions in the last layer)."""
         x = mid + mlp_output(self.w, layer, mid) if self.w.has_mlp else mid
         if layer == self.n_layers - 1:
             return x
-        return self.from_resid(layer + 1, x)
+        return self.from_resid(layer + 1, x, start)
 
     def from_mid_all(self, layer: int, mid: Float[Tensor, "k batch pos d_model"]) -> Float[Tensor, "k batch n d_model"]:
         """`from_mid` given resid_mid at every position (sliced to the read positions in the last layer)."""
@@ -298,11 +379,11 @@ class Resume:
         return self.from_mid(layer, mid)
 
     def from_single(self, layer: int, stage: str, p: Int[Tensor, " k"], row: Float[Tensor, "k batch d_model"]
-                    ) -> Float[Tensor, "k batch n d_model"]:
+                    ) -> Float[Tensor, "k batch n d_model"] | FinalRows:
         """Resume when the residual stream differs from the base run at one position per component.
 
         `stage` "pre": `row` replaces resid_pre[layer] at position p[k]; "mid": it replaces resid_mid[layer].
-        Only that position's q, k, v (or MLP input) are recomputed; the rest come from the base run.
+        Only that position's q, k, v (or MLP input) are computed; the rest come from the base run.
         """
         w, base = self.w, self.base
         if stage == "mid":
@@ -310,17 +391,34 @@ class Resume:
                 row = row + mlp_output(w, layer, row)
             return self.from_single(layer + 1, "pre", p, row)
         if layer == w.n_layers:
-            final = base.final[..., self.read_pos, :]
-            hit = (self.read_pos[None, :] == p[:, None])[:, None, :, None]
-            return torch.where(hit, row[:, :, None, :], final)
+            at = (self.read_pos[None, :] == p[:, None]).int()
+            return FinalRows(base.final[..., self.read_pos, :], torch.where(at.any(1), at.argmax(1), -1), row)
         last = layer == w.n_layers - 1
+        start = 0 if last else int(p.min())  # positions before every component's p are the base run's
+        q_pos = self.query_positions(layer)[start:]
+        row_n = ln1(w, layer, row)
+        q_row, k_row, v_row = (project_normed(w, layer, row_n, which) for which in "qkv")
+        loo = self.leave_one_out(layer)
+        if loo is None:
+            z = self._attend_one_changed(layer, p, q_pos, q_row, k_row, v_row)
+        else:
+            z = loo.replace_key(p, k_row, v_row, start)
+        hit = (q_pos[None, :] == p[:, None]).nonzero()  # (component, query index) where the query is at p
+        ks, idx = hit[:, 0], hit[:, 1]
+        if loo is not None and len(ks):
+            z[ks, :, idx] = query_row(p[ks], q_row[ks], k_row[ks], v_row[ks], base.k[layer], base.v[layer],
+                                      w.attn_scale)
+        mid = attn_output(w, layer, z).add_(base.resid_pre[layer][..., q_pos, :])
+        mid[ks, :, idx] += row[ks] - base.resid_pre[layer][:, p[ks]].movedim(1, 0)
+        return self.from_mid(layer, mid, start)
+
+    def _attend_one_changed(self, layer: int, p: Int[Tensor, " k"], q_pos: Int[Tensor, " nq"],
+                            q_row: Tensor, k_row: Tensor, v_row: Tensor) -> Float[Tensor, "k batch nq head d_head"]:
+        """Full attention of the queries at `q_pos` with position p[k]'s q, k, v replaced (no shared sums)."""
+        base = self.base
         P = base.resid_pre[layer].shape[-2]
-        q_pos = self.read_pos if last else torch.arange(P, device=row.device)
-        at_p = (torch.arange(P, device=row.device)[None, :] == p[:, None])[:, None, :, None, None]  # k 1 pos 1 1
-        q_at_p = at_p[:, :, q_pos]
-        q = torch.where(q_at_p, project(w, layer, row, "q")[:, :, None], base.q[layer][..., q_pos, :, :])
-        k = torch.where(at_p, project(w, layer, row, "k")[:, :, None], base.k[layer])
-        v = torch.where(at_p, project(w, layer, row, "v")[:, :, None], base.v[layer])
-        z, _ = attend(w, q, k, v, q_pos)
-        x = torch.where(q_at_p[..., 0], row[:, :, None], base.resid_pre[layer][..., q_pos, :])
-        return self.from_mid(layer, x + attn_output(w, layer, z))
+        at_p = (torch.arange(P, device=p.device)[None, :] == p[:, None])[:, None, :, None, None]  # k 1 pos 1 1
+        q = torch.where(at_p[:, :, q_pos], q_row[:, :, None], base.q[layer][..., q_pos, :, :])
+        k = torch.where(at_p, k_row[:, :, None], base.k[layer])
+        v = torch.where(at_p, v_row[:, :, None], base.v[layer])
+        return attend(self.w, q, k, v, q_pos)[0]

@@ -98,9 +98,26 @@ def _chunk_size(batch_limit: int | None, memory_mb: float | int, per_component_b
     return min(fit, batch_limit) if batch_limit is not None else fit
 
 
-def _chunks(comps: list[Components], size: int, progress: bool, desc: str):
-    parts = [c.chunk(i, i + size) for c in comps for i in range(0, len(c), size)]
+def _chunks(comps: list[Components], size, progress: bool, desc: str):
+    """Components in chunks of `size(c)` (or `size`) per layer, behind a progress bar."""
+    sizes = [size(c) if callable(size) else size for c in comps]
+    parts = [c.chunk(i, i + n) for c, n in zip(comps, sizes) for i in range(0, len(c), n)]
     return tqdm(parts, desc=desc, disable=not progress, leave=False)
+
+
+# Patched runs of small models are memory-bound on a CPU: a chunk whose residual streams fit the L2 caches
+# runs 2-3 times faster per component than one that streams from RAM (measured on attn2l-induction).
+_CPU_CHUNK_BYTES = 2 * 2**20
+_SINGLE_ROW_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.Z, Site.Q, Site.PATTERN)
+
+
+def _cache_chunk(site: Site, c: Components, n_layers: int, batch: int, keep: int, n_read: int, d_model: int) -> int:
+    """Components per chunk whose recomputed residual streams total about `_CPU_CHUNK_BYTES`: a per-position
+    patch that first enters the last block recomputes only the read positions there, others every position."""
+    first = c.layer if site is Site.RESID_PRE else c.layer + 1
+    single = c.pos is not None and site in _SINGLE_ROW_SITES
+    rows = n_read if single and first >= n_layers - 1 else keep
+    return max(1, _CPU_CHUNK_BYTES // (4 * batch * rows * d_model))
 
 
 def _run_weights(model, task, site, comps, direction, custom, batch_limit, memory_mb, progress, out):
@@ -115,7 +132,7 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
         clean_m = float(reader.score(clean.final[:, reader.read_pos]))
         corrupted_m = float(reader.score(corrupted.final[:, reader.read_pos]))
         base, src = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
-        resume = engine.Resume(w, base, reader.read_pos)
+        resume = engine.Resume(w, base, reader.read_pos, loo_mb=memory_mb / 2)
         live = [_truncate(c, keep) for c in comps]
         for c in comps:  # per-position components past `keep` leave the metric exactly unchanged
             for idx, p in zip(c.index, c.pos.tolist() if c.pos is not None else []):
@@ -123,8 +140,15 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
                     out[idx] = corrupted_m if direction == "denoising" else clean_m
         d_mlp = w.W_in.shape[-1] if w.has_mlp else 0
         per_comp = 4 * task.batch * keep * (12 * w.W_E.shape[1] + 3 * w.n_heads * keep + 2 * d_mlp)
-        for c in _chunks([c for c in live if len(c)], _chunk_size(batch_limit, memory_mb, per_comp), progress,
-                         f"patching {site.value}"):
+        limit = _chunk_size(batch_limit, memory_mb, per_comp)
+
+        def size(c: Components) -> int:
+            if device.type != "cpu":
+                return limit
+            return min(limit, _cache_chunk(site, c, w.n_layers, task.batch, keep, len(reader.read_pos),
+                                           w.W_E.shape[1]))
+
+        for c in _chunks([c for c in live if len(c)], size, progress, f"patching {site.value}"):
             scores = reader.score(patched_resid(resume, src, site, c)).cpu()
             for idx, s in zip(c.index, scores):
                 out[idx] = s

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -11,21 +11,24 @@ from torch import Tensor
 
 from circuits.activations import engine
 from circuits.tasks import Metric, Task
+from circuits.tasks.task import metric_terms
 
 CustomMetric = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True, eq=False)
 class Reader:
-    """Scores stacks of final residual streams. For the logit difference only the W_U columns of the answers
-    and wrong answers are computed; log-prob and KL need the whole vocabulary (the softmax normaliser), at the
-    metric positions only. A custom metric (logits [batch, pos, vocab] → scalar) reads every position.
+    """Scores stacks of final residual streams. For the logit difference only the difference of the answer's
+    and the wrong answer's W_U columns is applied (one direction per row and position); log-prob and KL need
+    the whole vocabulary (the softmax normaliser), at the metric positions only. A custom metric (logits
+    [batch, pos, vocab] → scalar) reads every position.
     Example: `Reader.for_task(w, task, clean_final).score(resid)`"""
 
     w: engine.Weights
-    task: Task  # with answers remapped to `columns` when those are restricted
+    task: Task
     read_pos: Int[Tensor, " n"]
-    columns: Int[Tensor, " v"] | None
+    direction: Float[Tensor, "batch n d_model"] | None  # logit difference: W_U[:, answer] − W_U[:, wrong]
+    offset: Float[Tensor, "batch n"] | None  # logit difference: b_U[answer] − b_U[wrong]
     clean_logits: Tensor | None  # [batch, pos, vocab] (only the metric positions are filled), for KL
     custom: CustomMetric | None = None
 
@@ -34,33 +37,59 @@ class Reader:
                  custom: CustomMetric | None = None) -> Reader:
         device = w.W_U.device
         if custom is not None:
-            return cls(w, task, torch.arange(task.seq_len, device=device), None, None, custom)
+            return cls(w, task, torch.arange(task.seq_len, device=device), None, None, None, custom)
         read_pos = task.positions.to(device)
         if task.metric is Metric.LOGIT_DIFF:
-            both = torch.cat([task.answers.flatten(), task.wrong_answers.flatten()]).to(device)
-            columns, inverse = torch.unique(both, return_inverse=True)
-            n = task.answers.numel()
-            remapped = replace(task, answers=inverse[:n].view_as(task.answers).cpu(),
-                               wrong_answers=inverse[n:].view_as(task.answers).cpu())
-            return cls(w, remapped, read_pos, columns, None)
+            a, b = task.answers.to(device), task.wrong_answers.to(device)
+            direction = (w.W_U[:, a] - w.W_U[:, b]).permute(1, 2, 0)
+            return cls(w, task, read_pos, direction, w.b_U[a] - w.b_U[b], None)
         clean = None
         if task.metric is Metric.KL:
             at = engine.unembed(w, clean_final[:, read_pos])
             clean = at.new_zeros(task.batch, task.seq_len, at.shape[-1])
             clean[:, read_pos] = at
-        return cls(w, task, read_pos, None, clean)
+        return cls(w, task, read_pos, None, None, clean)
 
-    def logits(self, resid: Float[Tensor, "*k batch n d_model"]) -> Float[Tensor, "*k batch n v"]:
-        return engine.unembed(self.w, resid, self.columns)
+    def terms(self, resid: Float[Tensor, "*k batch n d_model"]) -> Float[Tensor, "*k batch n"]:
+        """The task metric's term at each row and read position (the metric is their mean)."""
+        if self.direction is not None:
+            xn = engine.layer_norm(resid, self.w.ln_final, self.w.eps)
+            return torch.linalg.vecdot(xn, self.direction) + self.offset
+        return self.task.position_terms(engine.unembed(self.w, resid), self.clean_logits)
 
-    def score(self, resid: Float[Tensor, "*k batch n d_model"]) -> Float[Tensor, "*k"]:
+    def score(self, resid: Float[Tensor, "*k batch n d_model"] | engine.FinalRows) -> Float[Tensor, "*k"]:
         """The metric of each stacked run, from its residual stream at `read_pos`."""
-        logits = self.logits(resid)
+        if isinstance(resid, engine.FinalRows):
+            return self._score_rows(resid)
         if self.custom is None:
-            return self.task.score_positions(logits, self.clean_logits)
+            return self.terms(resid).mean(dim=(-1, -2))
+        logits = engine.unembed(self.w, resid)
         lead = logits.shape[:-3]
         flat = logits.reshape(-1, *logits.shape[-3:])
         return torch.stack([call_metric(self.custom, x) for x in flat]).reshape(lead)
+
+    def _score_rows(self, r: engine.FinalRows) -> Float[Tensor, " k"]:
+        """Scores when each run differs from the base at one read position: only that position is read."""
+        if self.custom is not None:
+            return self.score(r.full())
+        base = self.terms(r.base)  # batch n
+        hit = r.at >= 0
+        n = r.at.clamp(min=0)
+        direction = None if self.direction is None else self.direction[:, n].movedim(1, 0)
+        new = self._row_terms(r.rows, n, direction)  # k batch
+        change = torch.where(hit[:, None], new - base[:, n].T, 0.0).sum(-1) / base.numel()
+        return base.mean() + change
+
+    def _row_terms(self, rows: Float[Tensor, "k batch d_model"], n: Int[Tensor, " k"],
+                   direction: Tensor | None) -> Float[Tensor, "k batch"]:
+        """The metric term of row k placed at read index n[k]."""
+        if direction is not None:
+            xn = engine.layer_norm(rows, self.w.ln_final, self.w.eps)
+            return torch.linalg.vecdot(xn, direction) + self.offset[:, n].T
+        logits = engine.unembed(self.w, rows)[:, :, None]  # k batch 1 vocab
+        answers = self.task.answers.to(n.device)[:, n].T[..., None]
+        clean = None if self.clean_logits is None else self.clean_logits[:, self.read_pos[n]].movedim(1, 0)[:, :, None]
+        return metric_terms(self.task.metric, logits, answers, None, clean)[..., 0]
 
 
 def call_metric(metric: CustomMetric, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:

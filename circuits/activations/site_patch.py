@@ -17,8 +17,9 @@ from circuits.activations.sites import Components, Site
 
 
 def patched_resid(r: engine.Resume, src: engine.Run, site: Site, c: Components
-                  ) -> Float[Tensor, "k batch n d_model"]:
-    """The residual stream at the read positions of every patched run in `c` (base run `r.base`, source `src`)."""
+                  ) -> Float[Tensor, "k batch n d_model"] | engine.FinalRows:
+    """The residual stream at the read positions of every patched run in `c` (base run `r.base`, source `src`);
+    `FinalRows` when each run changes one position of the last residual stream only."""
     if site.per_head:
         return _head_site(r, src, site, c)
     return _layer_site(r, src, site, c)
@@ -28,7 +29,7 @@ def _rows(act: Float[Tensor, "batch pos *rest"], p: Int[Tensor, " k"]) -> Float[
     return act[:, p].movedim(1, 0)
 
 
-def _layer_site(r: engine.Resume, src: engine.Run, site: Site, c: Components) -> Tensor:
+def _layer_site(r: engine.Resume, src: engine.Run, site: Site, c: Components) -> Tensor | engine.FinalRows:
     base, layer = r.base, c.layer
     if c.pos is not None:
         p = c.pos.to(base.final.device)
@@ -55,13 +56,12 @@ def _per_head(act: Float[Tensor, "batch pos head d"], h: Int[Tensor, " k"]) -> F
     return act[:, :, h].movedim(2, 0)
 
 
-def _head_site(r: engine.Resume, src: engine.Run, site: Site, c: Components) -> Tensor:
+def _head_site(r: engine.Resume, src: engine.Run, site: Site, c: Components) -> Tensor | engine.FinalRows:
     base, layer, w = r.base, c.layer, r.w
     dev = base.final.device
     h = c.heads.to(dev)
     P = base.final.shape[-2]
     pos = torch.arange(P, device=dev)
-    v_h = _per_head(base.v[layer], h)
     if c.pos is not None:
         p = c.pos.to(dev)
         at_p = (pos[None, :] == p[:, None])[:, None, :, None]  # k 1 pos 1
@@ -70,10 +70,10 @@ def _head_site(r: engine.Resume, src: engine.Run, site: Site, c: Components) -> 
         if site is Site.Q:
             q_row = src.q[layer][:, p, h].movedim(1, 0)
             pattern = _row_pattern(w, q_row, _per_head(base.k[layer], h), p)
-            return _from_head_row(r, layer, h, p, torch.einsum("kbs,kbsd->kbd", pattern, v_h))
+            return _from_head_row(r, layer, h, p, torch.einsum("kbs,kbsd->kbd", pattern, _per_head(base.v[layer], h)))
         if site is Site.PATTERN:
             row = src.pattern[layer][:, h, p].movedim(1, 0)
-            return _from_head_row(r, layer, h, p, torch.einsum("kbs,kbsd->kbd", row, v_h))
+            return _from_head_row(r, layer, h, p, torch.einsum("kbs,kbsd->kbd", row, _per_head(base.v[layer], h)))
         mask = at_p
     else:
         mask = c.pos_mask.to(dev)[None, None, :, None]
@@ -82,7 +82,7 @@ def _head_site(r: engine.Resume, src: engine.Run, site: Site, c: Components) -> 
         return _from_head_all(r, layer, h, z_new)
     if site is Site.PATTERN:
         pat = torch.where(mask, src.pattern[layer][:, h].movedim(1, 0), base.pattern[layer][:, h].movedim(1, 0))
-        return _from_head_all(r, layer, h, pat @ v_h)
+        return _from_head_all(r, layer, h, pat @ _per_head(base.v[layer], h))
     qkv = {}
     for name in "qkv":
         b = _per_head(base.site(name)[layer], h)
@@ -100,7 +100,7 @@ def _row_pattern(w: engine.Weights, q_row: Float[Tensor, "k batch d"], k_h: Floa
 
 
 def _from_head_row(r: engine.Resume, layer: int, h: Int[Tensor, " k"], p: Int[Tensor, " k"],
-                   z_row: Float[Tensor, "k batch d_head"]) -> Tensor:
+                   z_row: Float[Tensor, "k batch d_head"]) -> Tensor | engine.FinalRows:
     """Resume after head h[k] outputs `z_row[k]` at position p[k] only."""
     base = r.base
     delta = z_row - base.z[layer][:, p, h].movedim(1, 0)

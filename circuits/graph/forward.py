@@ -15,8 +15,6 @@ ungated MLPs; anything else raises a ValueError naming what is unsupported.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +23,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
+
+from circuits.model_cache import cached_read
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,13 +80,7 @@ class NativeWeights:
         through autograd-visible operations (each tensor's storage and version counter are compared);
         writes through `.data` bypass the version counter, so call `NativeWeights.read(model)` after them.
         """
-        key = _weights_key(model)
-        cached = _WEIGHTS_CACHE.get(model)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        weights = cls.read(model)
-        _WEIGHTS_CACHE[model] = (key, weights)
-        return weights
+        return cached_read(model, "graph", cls.read)
 
     @classmethod
     def read(cls, model: TransformerBridge) -> NativeWeights:
@@ -124,14 +118,6 @@ class NativeWeights:
                 attn_scale=float(blocks[0].attn.scale),
             )
         return cls(**w, description=describe(model))
-
-
-_WEIGHTS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _weights_key(model: TransformerBridge) -> tuple:
-    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.device.type)
-                 for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _check_supported(model: TransformerBridge) -> None:

@@ -102,25 +102,44 @@ class Task:
         clean_logits: Float[Tensor, "batch pos vocab"] | None = None,
     ) -> Float[Tensor, "*lead"]:
         """`score` for logits already restricted to the metric positions (see `read_logits`)."""
+        return self.position_terms(logits_at, clean_logits).mean(dim=(-1, -2))
+
+    def position_terms(
+        self,
+        logits_at: Float[Tensor, "*lead batch n vocab"],
+        clean_logits: Float[Tensor, "batch pos vocab"] | None = None,
+    ) -> Float[Tensor, "*lead batch n"]:
+        """The metric's term at each row and metric position (the metric is their mean)."""
         if logits_at.shape[-3:-1] != self.answers.shape:
             raise ValueError(
                 f"logits: expected [..., {self.batch}, {len(self.positions)}, vocab] at the metric positions, "
                 f"got {tuple(logits_at.shape)}"
             )
-        if self.metric is Metric.LOGIT_DIFF:
-            diff = _gather(logits_at, self.answers) - _gather(logits_at, self.wrong_answers)
-            return diff.mean(dim=(-1, -2))
-        logprobs = logits_at.log_softmax(-1)
-        if self.metric is Metric.LOGPROB:
-            return _gather(logprobs, self.answers).mean(dim=(-1, -2))
-        if clean_logits is None:
-            raise ValueError("clean_logits: the KL metric needs the clean run's logits")
-        ref = self.read_logits(clean_logits).log_softmax(-1)
-        kl = F.kl_div(logprobs, ref.expand_as(logprobs), log_target=True, reduction="none").sum(-1)
-        return kl.mean(dim=(-1, -2))
+        clean_at = None if clean_logits is None else self.read_logits(clean_logits)
+        return metric_terms(self.metric, logits_at, self.answers, self.wrong_answers, clean_at)
 
 
-def _gather(x: Float[Tensor, "*lead batch n vocab"], idx: Int[Tensor, "batch n"]) -> Float[Tensor, "*lead batch n"]:
+def metric_terms(
+    metric: Metric,
+    logits_at: Float[Tensor, "*lead batch n vocab"],
+    answers: Int[Tensor, "..."],
+    wrong_answers: Int[Tensor, "..."] | None,
+    clean_at: Float[Tensor, "..."] | None,
+) -> Float[Tensor, "*lead batch n"]:
+    """Each position's metric term from logits at the metric positions (answers and the clean run's logits
+    there broadcast against them). Example: `metric_terms(Metric.LOGPROB, logits_at, answers, None, None)`"""
+    if metric is Metric.LOGIT_DIFF:
+        return _gather(logits_at, answers) - _gather(logits_at, wrong_answers)
+    logprobs = logits_at.log_softmax(-1)
+    if metric is Metric.LOGPROB:
+        return _gather(logprobs, answers)
+    if clean_at is None:
+        raise ValueError("clean_logits: the KL metric needs the clean run's logits")
+    ref = clean_at.log_softmax(-1)
+    return F.kl_div(logprobs, ref.expand_as(logprobs), log_target=True, reduction="none").sum(-1)
+
+
+def _gather(x: Float[Tensor, "*lead batch n vocab"], idx: Int[Tensor, "..."]) -> Float[Tensor, "*lead batch n"]:
     idx = idx.to(x.device).expand(*x.shape[:-1]).unsqueeze(-1)
     return torch.gather(x, -1, idx).squeeze(-1)
 

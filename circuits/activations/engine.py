@@ -14,6 +14,7 @@ reads; the last layer computes queries, attention output and MLP at those positi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,16 @@ class Weights:
     @property
     def n_layers(self) -> int:
         return self.W_Q.shape[0]
+
+    @functools.cached_property
+    def W_KV(self) -> Float[Tensor, "layer d_model kv_head_d"]:
+        """Keys' and values' weights side by side ([d_model, 2 · head · d_head] per layer), for one product."""
+        L, H, m, d = self.W_K.shape
+        return torch.cat([self.W_K, self.W_V], 1).permute(0, 2, 1, 3).reshape(L, m, 2 * H * d)
+
+    @functools.cached_property
+    def b_KV(self) -> Float[Tensor, "layer kv_head_d"]:
+        return torch.cat([self.b_K, self.b_V], 1).flatten(1)
 
     @property
     def n_heads(self) -> int:
@@ -182,9 +193,13 @@ def project_normed(w: Weights, layer: int, xn: Float[Tensor, "*lead d_model"], w
 def attention_pattern(w: Weights, q: Float[Tensor, "*lead nq d_head"], k: Float[Tensor, "*lead pos d_head"],
                       q_pos: Int[Tensor, " nq"]) -> Float[Tensor, "*lead nq pos"]:
     """Causal softmax attention of queries (at positions `q_pos`) over keys 0..pos-1; masked entries are 0."""
-    scores = q @ k.transpose(-1, -2) / w.attn_scale
-    masked = torch.arange(k.shape[-2], device=q.device)[None, :] > q_pos.to(q.device)[:, None]
-    return scores.masked_fill_(masked, float("-inf")).softmax(-1)  # exp(-inf) = 0: masked entries are 0
+    hidden = torch.arange(k.shape[-2], device=q.device)[None, :] > q_pos.to(q.device)[:, None]
+    bias = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    q3 = q.expand(*lead, *q.shape[-2:]).reshape(-1, *q.shape[-2:])
+    k3 = k.expand(*lead, *k.shape[-2:]).reshape(-1, *k.shape[-2:])
+    scores = torch.baddbmm(bias, q3, k3.transpose(-1, -2), alpha=1.0 / w.attn_scale)  # masked: -inf
+    return scores.softmax(-1).view(*lead, *hidden.shape)  # exp(-inf) = 0: masked entries are 0
 
 
 def attend(w: Weights, q: Float[Tensor, "*lead nq head d_head"], k: Float[Tensor, "*lead pos head d_head"],
@@ -333,7 +348,9 @@ class Resume:
         w = self.w
         for i in range(layer, w.n_layers):
             xn = ln1(w, i, x)
-            k, v = (self._head_major(i, name, project_normed(w, i, xn, name), start) for name in "kv")
+            kv = torch.addmm(w.b_KV[i][None], xn.reshape(-1, xn.shape[-1]), w.W_KV[i])
+            kv = kv.view(*xn.shape[:-1], 2, w.n_heads, -1)
+            k, v = (self._head_major(i, name, kv[..., j, :, :], start) for j, name in enumerate("kv"))
             q_pos = self.query_positions(i)
             rows = q_pos - start if i == w.n_layers - 1 else torch.arange(x.shape[-2], device=x.device)
             rows, q_pos = rows[q_pos >= start], q_pos[q_pos >= start]

@@ -34,8 +34,10 @@ _CACHE: dict[str, object] = {}
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    return load_pretrained("attn2l-induction")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored after this module: the other benchmarks use every core
+    yield load_pretrained("attn2l-induction")
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

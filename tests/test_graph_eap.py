@@ -223,3 +223,29 @@ def test_destination_gradients_with_mlps(task24):
     _, ours = destination_gradients(w, g, emb, task24.positions, task24, None)
     reference = split_input_gradients(model, task24, emb)
     assert (ours - reference).abs().max() < 1e-5 * float(reference.abs().max()) + 1e-8
+
+
+@pytest.mark.parametrize("model_name", ["tiny2", "tiny2_noln", "mlp3"])
+def test_edge_scores_equal_dense_gradient_contraction(request, task24, model_name):
+    """EAP moves each LayerNorm's Jacobian from the destinations' gradients onto the source differences; the
+    scores must equal Σ diff_s · (dense gradient at d's input), with several runs (the k rows of EAP-IG)."""
+    from circuits.graph.eap import edge_scores, factored_gradients
+    from circuits.graph.forward import NativeWeights, embed, shared_forward
+    from circuits.models import ModelSpec, build
+
+    if model_name == "mlp3":
+        model = build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
+    else:
+        model = request.getfixturevalue(model_name)
+    w, g = NativeWeights.of(model), ComputeGraph.of(model)
+    clean, corrupted = embed(w, task24.clean), embed(w, task24.corrupted)
+    emb = torch.stack([clean, 0.5 * (clean + corrupted), corrupted])  # three runs, summed
+    _, grads = factored_gradients(w, g, emb, task24.positions, task24, None)
+    with torch.no_grad():
+        diff = (shared_forward(w, corrupted[None], task24.positions).sources[0]
+                - shared_forward(w, clean[None], task24.positions).sources[0])
+    dense = grads.dense(w, g)
+    reference = (diff.flatten(1).double() @ dense.flatten(1).double().T).masked_fill(~g.valid, 0.0)
+    ours = edge_scores(g, w, diff, grads).double()
+    assert reference.abs().max() > 1e-3
+    assert (ours - reference).abs().max() < 1e-5 * float(reference.abs().max())

@@ -25,9 +25,9 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.graph.circuit import Circuit, top_edges
-from circuits.graph.forward import NativeWeights, embed, layer_norm_backward, shared_forward
+from circuits.graph.forward import NativeWeights, embed, layer_norm_backward, layer_norm_jvp, shared_forward
 from circuits.graph.metric import GraphMetric, resolve_metric
-from circuits.graph.nodes import ComputeGraph
+from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.graph.patching import MAX_CHUNK_FLOATS, Ablation, _ablation, _stages
 from circuits.results import LabelledResult
 from circuits.tasks.task import Metric, Task
@@ -77,18 +77,19 @@ def eap(
     positions = task.positions.to(w.device)
     clean_emb = embed(w, task.clean)[None]
     if ig_steps == 0:
-        run, grads = destination_gradients(w, g, clean_emb, positions, task, metric)
+        run, grads = factored_gradients(w, g, clean_emb, positions, task, metric)
         clean_sources = run.sources[0].detach()
         gm = run.metric
+        scores = edge_scores(g, w, _ablated_sources(w, task, ablation, clean_sources, positions) - clean_sources,
+                             grads)
     else:
         with torch.no_grad():
-            clean_run = shared_forward(w, clean_emb, positions)
+            clean_run = shared_forward(w, clean_emb, positions, metric_queries_only=True)
         clean_sources = clean_run.sources[0]
-    ablated = _ablated_sources(w, task, ablation, clean_sources, positions)
-    if ig_steps:
-        grads, gm = integrated_gradients(w, g, clean_emb[0], ablated[:2].expand_as(clean_emb[0]), positions, task,
-                                         metric, ig_steps, clean_run.logits[0])
-    scores = edge_scores(g, ablated - clean_sources, grads)
+        ablated = _ablated_sources(w, task, ablation, clean_sources, positions)
+        scores, gm = integrated_gradient_scores(w, g, clean_emb[0], ablated[:2].expand_as(clean_emb[0]),
+                                                ablated - clean_sources, positions, task, metric, ig_steps,
+                                                clean_run.logits[0])
     scores = scores.detach().float().cpu().masked_fill(~g.valid, float("nan"))
     method = "eap-ig" if ig_steps else "eap"
     attrs = dict(model=w.description, method=method, metric=gm.name, ablation=ablation.value)
@@ -106,7 +107,7 @@ def _ablated_sources(w: NativeWeights, task: Task, ablation: Ablation, clean: Te
     if ablation is Ablation.MEAN:
         return clean.mean(dim=1, keepdim=True).expand_as(clean)
     with torch.no_grad():
-        return shared_forward(w, embed(w, task.corrupted)[None], positions).sources[0]
+        return shared_forward(w, embed(w, task.corrupted)[None], positions, metric_queries_only=True).sources[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +123,68 @@ def _full_logits(logits_at: Tensor, task: Task) -> Tensor:
     return full
 
 
+@dataclass(frozen=True, eq=False)
+class DestinationGrads:
+    """∂metric/∂(each destination's input) of unpatched runs, kept where contracting them with source
+    differences is cheapest. Head inputs: the gradient at the LayerNorm's output `at_ln[l]` ([k, 3 · head,
+    batch, pos, d_model]: q, k, v of each head, pulled back through W_Q, W_K, W_V) with the residual stream
+    that LayerNorm read (`resid_in[l]`, [k, batch, pos, d_model]); MLP inputs and the logits: at the input,
+    summed over the k runs (`mlp_in[l]`, `final`: [batch, pos, d_model]).
+
+    An edge's score needs diff_s · J_lnᵀ g_d, which equals (J_ln diff_s) · g_d: `edge_scores` applies the
+    LayerNorm's Jacobian to the few sources below a layer instead of to its 3 · head destinations."""
+
+    at_ln: tuple[Tensor, ...]
+    resid_in: tuple[Tensor, ...]
+    mlp_in: tuple[Tensor, ...]
+    final: Tensor
+
+    def dense(self, w: NativeWeights, graph: ComputeGraph) -> Float[Tensor, "n_dst batch pos d_model"]:
+        """Every destination's gradient at its input (the residual stream), summed over the k runs."""
+        out = []
+        for layer in range(graph.n_layers):
+            ln = None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer])
+            out.append(layer_norm_backward(self.resid_in[layer][:, None], self.at_ln[layer], ln, w.eps).sum(0))
+            if graph.has_mlp:
+                out.append(self.mlp_in[layer][None])
+        out.append(self.final[None])
+        return torch.cat(out)
+
+
+def factored_gradients(
+    w: NativeWeights,
+    graph: ComputeGraph,
+    emb: Float[Tensor, "k 2 batch pos d_model"],
+    positions: Tensor,
+    task: Task,
+    metric: str | Metric | Callable[[Tensor], Tensor] | None,
+    clean_logits_at: Tensor | None = None,
+) -> tuple[_GradRun, DestinationGrads]:
+    """The gradients of every destination of the unpatched runs from embedding sources `emb` (one per row k):
+    one forward and one backward; each head's q, k and v gradient is carried back through its projection by
+    hand, so the forward keeps one residual stream per layer instead of one input per head."""
+    with torch.enable_grad():
+        emb = emb.detach().clone().requires_grad_(True)
+        run = shared_forward(w, emb, positions, metric_queries_only=True)
+        reference = run.logits[0].detach() if clean_logits_at is None else clean_logits_at
+        gm = resolve_metric(task, metric, _full_logits(reference, task))
+        targets = [t for qkv in run.qkv for t in qkv] + list(run.mlp_in) + [run.final]
+        grads = torch.autograd.grad(gm.fn(run.logits).sum(), targets, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr.detach() for gr, t in zip(grads, targets)]
+    at_ln = []
+    for layer in range(graph.n_layers):
+        g = torch.stack(grads[3 * layer: 3 * layer + 3], 1)  # [k, 3, head, batch, pos, d_head]
+        W = torch.stack([w.W_Q[layer], w.W_K[layer], w.W_V[layer]])  # [3, head, d_model, d_head]
+        K, _, H, B, P, E = g.shape
+        at = g.reshape(K, 3 * H, B * P, E) @ W.reshape(3 * H, -1, E).transpose(-1, -2)
+        at_ln.append(at.view(K, 3 * H, B, P, -1))
+    n = 3 * graph.n_layers
+    return _GradRun(run.sources.detach(), gm), DestinationGrads(
+        at_ln=tuple(at_ln), resid_in=tuple(r.detach() for r in run.resid_in),
+        mlp_in=tuple(gr.sum(0) for gr in grads[n: n + len(run.mlp_in)]), final=grads[-1].sum(0),
+    )
+
+
 def destination_gradients(
     w: NativeWeights,
     graph: ComputeGraph,
@@ -131,62 +194,54 @@ def destination_gradients(
     metric: str | Metric | Callable[[Tensor], Tensor] | None,
     clean_logits_at: Tensor | None = None,
 ) -> tuple[_GradRun, Float[Tensor, "n_dst batch pos d_model"]]:
-    """∂metric/∂x_d of every destination d of the unpatched run from embedding sources `emb`, summed over
-    the k rows. One forward and one backward: the gradients at each head's q, k and v are carried back
-    through that head's projection and its LayerNorm by hand (`layer_norm_backward`), so the forward keeps
-    one residual stream per layer instead of one input per head."""
-    with torch.enable_grad():
-        emb = emb.detach().clone().requires_grad_(True)
-        run = shared_forward(w, emb, positions)
-        reference = run.logits[0].detach() if clean_logits_at is None else clean_logits_at
-        gm = resolve_metric(task, metric, _full_logits(reference, task))
-        targets = [t for qkv in run.qkv for t in qkv] + list(run.mlp_in) + [run.final]
-        grads = torch.autograd.grad(gm.fn(run.logits).sum(), targets, allow_unused=True)
-    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, targets)]
-    out = []
-    for layer in range(graph.n_layers):
-        gq, gk, gv = grads[3 * layer: 3 * layer + 3]
-        at_ln = torch.cat([gq @ w.W_Q[layer].transpose(-1, -2)[:, None], gk @ w.W_K[layer].transpose(-1, -2)[:, None],
-                           gv @ w.W_V[layer].transpose(-1, -2)[:, None]], dim=1)  # [k, 3H, batch, pos, d_model]
-        ln = None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer])
-        out.append(layer_norm_backward(run.resid_in[layer].detach()[:, None], at_ln, ln, w.eps).sum(0))
-        if graph.has_mlp:
-            out.append(grads[3 * graph.n_layers + layer].sum(0)[None])
-    out.append(grads[-1].sum(0)[None])
-    return _GradRun(run.sources.detach(), gm), torch.cat(out).detach()
+    """∂metric/∂x_d of every destination d at its input (the residual stream it reads), summed over the k
+    rows: `factored_gradients` made dense (each head input through its LayerNorm's backward)."""
+    run, grads = factored_gradients(w, graph, emb, positions, task, metric, clean_logits_at)
+    return run, grads.dense(w, graph)
 
 
-def integrated_gradients(
+def integrated_gradient_scores(
     w: NativeWeights,
     graph: ComputeGraph,
     clean: Float[Tensor, "2 batch pos d_model"],
     ablated: Float[Tensor, "2 batch pos d_model"],
+    diff: Float[Tensor, "n_src batch pos d_model"],
     positions: Tensor,
     task: Task,
     metric: str | Metric | Callable[[Tensor], Tensor] | None,
     steps: int,
     clean_logits_at: Tensor,
-) -> tuple[Float[Tensor, "n_dst batch pos d_model"], GraphMetric]:
-    """The destination gradients averaged over `steps` points α = 1/m … 1 from the ablated to the clean
-    embeddings, in batched forwards (each against the clean run's metric reference)."""
+) -> tuple[Float[Tensor, "n_src n_dst"], GraphMetric]:
+    """Edge scores with the destination gradients averaged over `steps` points α = 1/m … 1 from the ablated
+    to the clean embeddings, in batched forwards (each against the clean run's metric reference)."""
     alphas = torch.arange(1, steps + 1, device=clean.device, dtype=clean.dtype) / steps
     per_step = clean.numel() * (4 + 3 * graph.n_layers)
     total, gm = None, None
     for a in alphas.split(max(1, MAX_CHUNK_FLOATS // per_step)):
         emb = ablated[None] + a[:, None, None, None, None] * (clean - ablated)[None]
-        run, grads = destination_gradients(w, graph, emb, positions, task, metric, clean_logits_at)
+        run, grads = factored_gradients(w, graph, emb, positions, task, metric, clean_logits_at)
         gm = run.metric
-        total = grads if total is None else total + grads
+        part = edge_scores(graph, w, diff, grads)
+        total = part if total is None else total + part
     return total / steps, gm
 
 
 def edge_scores(
-    graph: ComputeGraph, diff: Float[Tensor, "n_src batch pos d_model"], grads: Float[Tensor, "n_dst batch pos d_model"]
+    graph: ComputeGraph, w: NativeWeights, diff: Float[Tensor, "n_src batch pos d_model"], grads: DestinationGrads
 ) -> Float[Tensor, "n_src n_dst"]:
-    """Σ_{batch, pos, d_model} diff_s · grad_d for every edge: one matrix product per stage, over the sources
-    upstream of it (zero elsewhere)."""
+    """Σ_{k, batch, pos, d_model} diff_s · grad_d for every edge (zero where there is none): per attention
+    layer, the source differences below it go through each run's LayerNorm Jacobian and meet the gradients at
+    the LayerNorm's output in one matrix product; MLP inputs and the logits take the gradient at their input."""
     scores = torch.zeros(graph.n_sources, graph.n_destinations, dtype=diff.dtype, device=diff.device)
-    flat_diff, flat_grads = diff.flatten(1), grads.flatten(1)
     for stage in _stages(graph):
-        scores[: stage.n_below, stage.dst] = flat_diff[: stage.n_below] @ flat_grads[stage.dst].T
+        n = stage.n_below
+        if stage.kind is NodeKind.HEAD_INPUT:
+            ln = None if w.ln1 is None else (w.ln1[0][stage.layer], w.ln1[1][stage.layer])
+            pushed = layer_norm_jvp(grads.resid_in[stage.layer], diff[:n], ln, w.eps)  # [k, n, batch, pos, d]
+            at_ln = grads.at_ln[stage.layer]  # [k, 3 · head, batch, pos, d]
+            scores[:n, stage.dst] = pushed.transpose(0, 1).reshape(n, -1) @ at_ln.transpose(0, 1).reshape(
+                at_ln.shape[1], -1).T
+        else:
+            g = grads.final if stage.kind is NodeKind.LOGITS else grads.mlp_in[stage.layer]
+            scores[:n, stage.dst] = diff[:n].flatten(1) @ g.reshape(-1, 1)
     return scores

@@ -238,7 +238,7 @@ def unembed(w: NativeWeights, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor
 class SharedRun:
     """The unpatched forward with one residual stream (every head input equal to it, as in the model).
 
-    `sources` [k, n_src, batch, pos, d_model] in graph source order; `resid_in[l]` the residual stream
+    `sources` [k, n_src, batch, pos, d_model] in graph source order (values, detached from autograd); `resid_in[l]` the residual stream
     entering layer l's attention; `qkv[l]` its heads' (q, k, v), each [k, head, batch, pos, d_head];
     `mlp_in[l]` the input of layer l's MLP; `final` the input of the final LayerNorm; `logits` at the
     metric positions [k, batch, n, vocab]."""
@@ -252,10 +252,15 @@ class SharedRun:
 
 
 def shared_forward(
-    w: NativeWeights, emb: Float[Tensor, "k 2 batch pos d_model"], positions: Int[Tensor, " n"]
+    w: NativeWeights, emb: Float[Tensor, "k 2 batch pos d_model"], positions: Int[Tensor, " n"],
+    *, metric_queries_only: bool = False,
 ) -> SharedRun:
     """The model's own forward from the embedding sources (one LayerNorm per layer for all heads, not one
-    per head input): what every edge present computes, at the cost of one forward of the model."""
+    per head input): what every edge present computes, at the cost of one forward of the model.
+
+    `metric_queries_only`: the last layer's heads attend from the metric positions only, as nothing else
+    they compute reaches the logits there; their outputs (in `sources`) are 0 at the other positions, and
+    `final` there lacks them."""
     resid = emb.sum(1)
     blocks = [emb]
     resid_in, qkv, mlp_in = [], [], []
@@ -271,8 +276,14 @@ def shared_forward(
         b = torch.cat([w.b_Q[layer], w.b_K[layer], w.b_V[layer]]).reshape(-1)
         q, k, v = torch.addmm(b, ln.reshape(-1, D), W).view(K, B, P, 3, H, E).permute(3, 0, 4, 1, 2, 5).unbind(0)
         qkv.append((q, k, v))
-        pattern = (q @ k.transpose(-1, -2) / w.attn_scale + bias).softmax(-1)
-        out = _per_head(pattern @ v, w.W_O[layer])  # [k, head, batch, pos, d_model]
+        rows = positions.to(q.device) if metric_queries_only and layer == w.n_layers - 1 else None
+        q_at = q if rows is None else q[..., rows, :]
+        n = q_at.shape[-2]
+        scores = torch.baddbmm(bias if rows is None else bias[rows], q_at.reshape(-1, n, E),
+                               k.reshape(-1, P, E).transpose(-1, -2), alpha=1.0 / w.attn_scale)  # -inf: masked
+        out = _per_head(scores.softmax(-1).view(K, H, B, n, P) @ v, w.W_O[layer])  # [k, head, batch, n, d]
+        if rows is not None:
+            out = out.new_zeros(K, H, B, P, D).index_copy(3, rows, out)
         blocks.append(out)
         resid = resid + out.sum(1) + w.b_O[layer]
         if w.has_mlp:
@@ -283,7 +294,7 @@ def shared_forward(
             resid = resid + m + w.b_out[layer]
     final = resid.clone()
     k_max = max(b.shape[0] for b in blocks)
-    sources = torch.cat([b.expand(k_max, *b.shape[1:]) for b in blocks], dim=1)
+    sources = torch.cat([b.detach().expand(k_max, *b.shape[1:]) for b in blocks], dim=1)  # values, no graph
     return SharedRun(sources, tuple(resid_in), tuple(qkv), tuple(mlp_in), final,
                      unembed(w, final[..., positions.to(final.device), :]))
 
@@ -297,8 +308,29 @@ def layer_norm_backward(
     (g − mean g − x̂·mean(g·x̂)) / σ with g = grad_out·weight and x̂ = (x − μ)/σ."""
     if params is None:
         return grad_out
-    mu = x.mean(-1, keepdim=True)
-    sigma = (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-    xhat = (x - mu) / sigma
+    xhat, sigma = _standardise(x, eps)
     g = grad_out * params[0]
     return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma
+
+
+def layer_norm_jvp(
+    x: Float[Tensor, "k batch pos d_model"], t: Float[Tensor, "n batch pos d_model"],
+    params: tuple[Tensor, Tensor] | None, eps: float,
+) -> Float[Tensor, "k n batch pos d_model"]:
+    """The LayerNorm's Jacobian at each of the k inputs `x` applied to each of the n directions `t` (identity
+    without LN): weight · (t − mean t − x̂·mean(t·x̂)) / σ, the transpose of `layer_norm_backward`'s map."""
+    if params is None:
+        return t[None].expand(x.shape[0], *t.shape)
+    xhat, sigma = _standardise(x, eps)
+    xhat = xhat[:, None]
+    tc = t - t.mean(-1, keepdim=True)
+    return (tc - xhat * (t * xhat).mean(-1, keepdim=True)) * (params[0] / sigma[:, None])
+
+
+def _standardise(x: Float[Tensor, "*lead d_model"], eps: float
+                 ) -> tuple[Float[Tensor, "*lead d_model"], Float[Tensor, "*lead 1"]]:
+    """x̂ = (x − μ)/σ and σ = sqrt(var + eps) over the last dim (the biased variance, as LayerNorm uses;
+    written out because `Tensor.var` is several times slower on CPU)."""
+    centred = x - x.mean(-1, keepdim=True)
+    sigma = ((centred * centred).mean(-1, keepdim=True) + eps).sqrt()
+    return centred / sigma, sigma

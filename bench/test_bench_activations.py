@@ -9,7 +9,9 @@ metric (logit difference) of every patched run: each side asserts equal values (
 |value|) with the other's result, computed once per session.
 
 In both modes, the setting the speed targets are stated for: `attn2l-induction` from the zoo on an induction task
-of 32 rows × 35 tokens (z and resid_pre by position against transformer_lens, outputs asserted equal).
+of 32 rows × 35 tokens (z and resid_pre by position against transformer_lens, outputs asserted equal). The
+issue's compute-bound GPT-2 setting (full vocabulary, z at all positions, with its FLOP floor) is in
+`test_bench_gpt2_all_pos.py`.
 
 Attribution patching is a first-order estimate, not the same number: its group ("attribution-vs-activation")
 asserts that the estimated effects correlate with the exact ones (Pearson r over every layer × head ×

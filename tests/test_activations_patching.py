@@ -228,3 +228,23 @@ def test_custom_metric_matches_transformer_lens(tiny2, task):
     ours = activation_patch(tiny2, task, "q", metric=metric, progress=False)
     torch.testing.assert_close(ours.raw, _tl_oracle(tiny2, task, "q", True, metric), atol=TOL, rtol=0)
     assert ours.metric == "custom"
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "resid_post", "attn_out", "z", "q", "pattern"])
+def test_leave_one_key_out_update_equals_full_attention(mlp_model, task, site):
+    """Per-position patches take the leave-one-key-out update when its sums fit `memory_mb / 2`; with a
+    budget too small for them they recompute attention in full: both give the same values."""
+    fast = activation_patch(mlp_model, task, site, progress=False)
+    full = activation_patch(mlp_model, task, site, progress=False, memory_mb=1e-4)
+    torch.testing.assert_close(fast.raw, full.raw, atol=TOL * float(full.raw.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z", "attn_out"])
+def test_three_layers_equal_transformer_lens(site):
+    """Three layers: a patch in layer 0 resumes layer 1 from its position on (suffix keys and values) before
+    the last layer."""
+    model = build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=5)
+    t = induction_task(3, 6, 24, seed=2)
+    ours = activation_patch(model, t, site, progress=False).raw
+    ref = _tl_oracle(model, t, site, True)
+    torch.testing.assert_close(ours, ref, atol=TOL * float(ref.abs().max()), rtol=0)

@@ -57,10 +57,13 @@ def activation_patch(
     pairs) and `positions` restrict the components (the rest are NaN).
 
     The components of a layer run together, stacked along the batch in chunks of at most `batch_limit`
-    (default: what fits in `memory_mb`), resuming from the cached residual stream at that layer. The
-    `weights` backend (native and GPT-2 bridges; `auto` picks it when it can) computes the forward from the
-    model's weights and reads only the logits the metric reads; `hooks` runs the bridge itself with one
-    temporary hook per stacked forward. `metric` (logits [batch, pos, vocab] → scalar) replaces the task's.
+    (default: what fits in `memory_mb`; on a CPU also about 2 MiB of residual stream per chunk, which keeps
+    the work in cache), resuming from the cached residual stream at that layer. The `weights` backend
+    (native and GPT-2 bridges; `auto` picks it when it can) computes the forward from the model's weights,
+    recomputes only positions at or after the patch, updates attention for a single changed position from
+    per-layer leave-one-key-out sums (see `key_update`) and reads only the logits the metric reads; `hooks`
+    runs the bridge itself with one temporary hook per stacked forward. `metric` (logits [batch, pos, vocab]
+    → scalar) replaces the task's.
 
     Example: `activation_patch(model, induction_task(32, 17, 50), "z").top(5)`
     """

@@ -238,10 +238,10 @@ def unembed(w: NativeWeights, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor
 class SharedRun:
     """The unpatched forward with one residual stream (every head input equal to it, as in the model).
 
-    `sources` [k, n_src, batch, pos, d_model] in graph source order (values, detached from autograd); `resid_in[l]` the residual stream
-    entering layer l's attention; `qkv[l]` its heads' (q, k, v), each [k, head, batch, pos, d_head];
-    `mlp_in[l]` the input of layer l's MLP; `final` the input of the final LayerNorm; `logits` at the
-    metric positions [k, batch, n, vocab]."""
+    `sources` [k, n_src, batch, pos, d_model] in graph source order (values, detached from autograd);
+    `resid_in[l]` the residual stream entering layer l's attention; `qkv[l]` its heads' (q, k, v), each
+    [k, head, batch, pos, d_head]; `mlp_in[l]` the input of layer l's MLP; `final` the input of the final
+    LayerNorm; `logits` at the metric positions [k, batch, n, vocab]."""
 
     sources: Tensor
     resid_in: tuple[Tensor, ...]

@@ -7,9 +7,13 @@ absolute positions, causal softmax attention with scores divided by `attn_scale`
 `W_out·act(W_in·ln2(x) + b_in) + b_out`; the final LayerNorm is followed by `W_U` and `b_U`. Anything else
 raises a ValueError (callers fall back to hooks).
 
-`Run` holds every activation of one unpatched forward. The `resume_*` functions continue a forward from a
-stack of K modified states ([K, batch, ...]) and read out only the residual stream at the positions the metric
-reads; the last layer computes queries, attention output and MLP at those positions only.
+`Weights.of` is cached per model while its parameters are unchanged (`circuits.model_cache`).
+
+`Run` holds every activation of one unpatched forward. `Resume` continues a forward from a stack of K
+modified states ([K, batch, ...]) and reads out only the residual stream at the positions the metric reads:
+positions before the earliest change are taken from the base run (their keys and values included), a change
+at one position per component updates that layer's attention by the leave-one-key-out sums of `key_update`,
+and the last layer computes queries, attention output and MLP at the read positions only.
 """
 
 from __future__ import annotations

@@ -185,21 +185,6 @@ def factored_gradients(
     )
 
 
-def destination_gradients(
-    w: NativeWeights,
-    graph: ComputeGraph,
-    emb: Float[Tensor, "k 2 batch pos d_model"],
-    positions: Tensor,
-    task: Task,
-    metric: str | Metric | Callable[[Tensor], Tensor] | None,
-    clean_logits_at: Tensor | None = None,
-) -> tuple[_GradRun, Float[Tensor, "n_dst batch pos d_model"]]:
-    """∂metric/∂x_d of every destination d at its input (the residual stream it reads), summed over the k
-    rows: `factored_gradients` made dense (each head input through its LayerNorm's backward)."""
-    run, grads = factored_gradients(w, graph, emb, positions, task, metric, clean_logits_at)
-    return run, grads.dense(w, graph)
-
-
 def integrated_gradient_scores(
     w: NativeWeights,
     graph: ComputeGraph,

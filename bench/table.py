@@ -1,10 +1,11 @@
 """Run the benchmark suite and print the table of ratios (reference time / our time) with peak memory.
 
-    python -m bench.table [--short] [--out bench/latest.json] [--readme README.md ...] [-k EXPR]
+    python -m bench.table [--short] [--out bench/latest.json] [--readme README.md ...] [-k EXPR [--merge]]
 
 Every group in bench/ holds one `ours` and one `reference` benchmark (see bench/conftest.py). The table is
 written as JSON and, with --readme, replaces the block between the README's `<!-- bench:start -->` and
-`<!-- bench:end -->` markers, with the date and the machine.
+`<!-- bench:end -->` markers, with the date and the machine. With `-k` and `--merge`, the groups run replace
+their rows in the existing `--out` file and the other rows are kept (each row records its date).
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def ratio_table(raw: dict) -> list[dict]:
     return rows
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with the rows of the benchmarks in `new` replaced or added, sorted by benchmark."""
+    merged = {r["benchmark"]: r for r in old}
+    merged.update({r["benchmark"]: r for r in new})
+    return [merged[k] for k in sorted(merged)]
+
+
 def _seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
@@ -90,12 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--readme", type=Path, action="append", default=[],
                         help="replace the benchmark block of this markdown file (repeatable)")
     parser.add_argument("-k", dest="select", help="pytest -k expression")
+    parser.add_argument("--merge", action="store_true", help="keep the other rows of the existing --out file")
     args = parser.parse_args(argv)
-    rows = ratio_table(run_suite(args.short, args.select))
     date = dt.date.today().isoformat()
+    rows = [dict(r, date=date) for r in ratio_table(run_suite(args.short, args.select))]
+    if args.merge and args.out.exists():
+        rows = merge_rows(json.loads(args.out.read_text())["rows"], rows)
     machine = machine_description()
-    args.out.write_text(json.dumps({"date": date, "machine": machine, "rows": rows}, indent=2) + "\n")
-    table = markdown(rows, machine, date)
+    dates = sorted({r.get("date", date) for r in rows})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    args.out.write_text(json.dumps({"date": when, "machine": machine, "rows": rows}, indent=2) + "\n")
+    table = markdown(rows, machine, when)
     print(table)
     for page in args.readme:
         rewrite_marked_block(page, "bench", table)

@@ -356,8 +356,8 @@ class Resume:
             kv = kv.view(*xn.shape[:-1], 2, w.n_heads, -1)
             k, v = (self._head_major(i, name, kv[..., j, :, :], start) for j, name in enumerate("kv"))
             q_pos = self.query_positions(i)
-            rows = q_pos - start if i == w.n_layers - 1 else torch.arange(x.shape[-2], device=x.device)
-            rows, q_pos = rows[q_pos >= start], q_pos[q_pos >= start]
+            q_pos = q_pos[q_pos >= start]
+            rows = q_pos - start  # the queries' rows in the suffix `x`
             q = project_normed(w, i, xn[..., rows, :], "q")
             pattern = attention_pattern(w, q.transpose(-2, -3), k, q_pos)
             mid = x[..., rows, :] + attn_output(w, i, (pattern @ v).transpose(-2, -3))

@@ -11,10 +11,11 @@ are dropped without a forward (as ACDC does). Every test costs one forward of th
 - candidates for one destination differ from the current circuit only in that destination's column, so
   only that node and what it reaches along kept edges is recomputed (`EdgePatcher.evaluate_column`); the
   prefix below it is the shared clean run, and the last layer is computed at the metric positions only;
-- decisions are sequential, so a batch of candidates is built from guessed decisions (first round: keep
-  all, i.e. each edge removed alone; later rounds: remove iff its removal alone stayed under threshold)
-  and checked in order: every candidate up to the first wrong guess tested exactly the circuit the plain
-  algorithm tests, so its decision is the plain algorithm's; the batch resumes after it.
+- decisions are sequential, so a batch of candidates is built from guessed decisions (first round: as
+  the last destination of the same kind went, else remove; later rounds: remove iff its removal along the
+  last round's guessed path stayed under threshold) and checked in order: every candidate up to the
+  first wrong guess tested exactly the circuit the plain algorithm tests, so its decision is the plain
+  algorithm's; the batch resumes after it.
 The scores (loss increases) equal the plain algorithm's to float rounding.
 
 `mode="batched"` tests all incoming edges of a destination against the same circuit in one forward and
@@ -125,6 +126,13 @@ class _Walk:
         self.loss = float(metric.loss(self.state.logits[None])[0])
         self.scores = torch.full(self.graph.valid.shape, math.nan)
         self.n_forwards, self.n_batches = 1, 1
+        # (layer, kind) -> {source: removed} of the last destination of that kind decided, the first guesses
+        # for the next one (a layer's heads tend to keep the same inputs)
+        self.decided: dict[tuple[int, str], dict[int, bool]] = {}
+
+    def kind(self, d: int) -> tuple[int, str]:
+        node = self.graph.destinations[d]
+        return node.layer, node.qkv or node.kind.value
 
     def destination_order(self) -> list[int]:
         return list(range(self.graph.n_destinations - 1, -1, -1))
@@ -160,14 +168,17 @@ class _Walk:
 
         A round builds the circuits the plain algorithm would test if each decision went as guessed and
         evaluates them together; decisions are then made in order with the plain algorithm's rule, and every
-        one up to the first wrong guess is the plain algorithm's own. Guesses: remove (ACDC circuits are
-        sparse) in the first round, then the decision implied by each edge's marginal loss rise along the
-        last round's guessed path. The circuit after the last removal was itself a candidate: the new state
-        is taken from its evaluation, with no further forward.
+        one up to the first wrong guess is the plain algorithm's own. Guesses: in the first round, the
+        decision made for the same source at the last destination of the same kind (a layer's q, k or v
+        inputs), else remove (ACDC circuits are sparse); then the decision implied by each edge's marginal
+        loss rise along the last round's guessed path. The circuit after the last removal was itself a
+        candidate: the new state is taken from its evaluation, with no further forward.
         """
         column = self.state.mask[:, d].clone()
         remaining = self.incoming(d)
-        guesses = [True] * len(remaining)
+        prior = self.decided.get(self.kind(d), {})
+        guesses = [prior.get(s, True) for s in remaining]
+        self.decided[self.kind(d)] = {s: True for s in remaining}  # updated below as decisions are made
         last_removal: tuple[Evaluated, int] | None = None
         while remaining:
             candidates, trial = [], column.clone()
@@ -188,6 +199,7 @@ class _Walk:
                 increase = loss - self.loss
                 self.scores[s, d] = increase
                 remove = increase < self.threshold
+                self.decided[self.kind(d)][s] = remove
                 if remove:
                     column[s] = False
                     self.loss = loss

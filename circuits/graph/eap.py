@@ -25,7 +25,14 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.graph.circuit import Circuit, top_edges
-from circuits.graph.forward import NativeWeights, embed, layer_norm_backward, layer_norm_jvp, shared_forward
+from circuits.graph.forward import (
+    NativeWeights,
+    SharedRun,
+    embed,
+    layer_norm_backward,
+    layer_norm_jvp,
+    shared_forward,
+)
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.graph.patching import MAX_CHUNK_FLOATS, Ablation, _ablation, _stages
@@ -78,18 +85,14 @@ def eap(
     clean_emb = embed(w, task.clean)[None]
     if ig_steps == 0:
         run, grads = factored_gradients(w, g, clean_emb, positions, task, metric)
-        clean_sources = run.sources[0].detach()
         gm = run.metric
-        scores = edge_scores(g, w, _ablated_sources(w, task, ablation, clean_sources, positions) - clean_sources,
-                             grads)
+        scores = edge_scores(g, w, _ablation_difference(w, task, ablation, run.shared, positions), grads)
     else:
         with torch.no_grad():
             clean_run = shared_forward(w, clean_emb, positions, metric_queries_only=True)
-        clean_sources = clean_run.sources[0]
-        ablated = _ablated_sources(w, task, ablation, clean_sources, positions)
-        scores, gm = integrated_gradient_scores(w, g, clean_emb[0], ablated[:2].expand_as(clean_emb[0]),
-                                                ablated - clean_sources, positions, task, metric, ig_steps,
-                                                clean_run.logits[0])
+        diff = _ablation_difference(w, task, ablation, clean_run, positions)
+        scores, gm = integrated_gradient_scores(w, g, clean_emb[0], clean_emb[0] + diff[:2], diff, positions,
+                                                task, metric, ig_steps, clean_run.logits[0])
     scores = scores.detach().float().cpu().masked_fill(~g.valid, float("nan"))
     method = "eap-ig" if ig_steps else "eap"
     attrs = dict(model=w.description, method=method, metric=gm.name, ablation=ablation.value)
@@ -100,19 +103,22 @@ def eap(
     )
 
 
-def _ablated_sources(w: NativeWeights, task: Task, ablation: Ablation, clean: Tensor, positions: Tensor
-                     ) -> Float[Tensor, "n_src batch pos d_model"]:
+def _ablation_difference(w: NativeWeights, task: Task, ablation: Ablation, clean: SharedRun, positions: Tensor
+                         ) -> Float[Tensor, "n_src batch pos d_model"]:
+    """Ablated minus clean output of every source (the corrupted run's for resample ablation)."""
+    if ablation is Ablation.RESAMPLE:
+        with torch.no_grad():
+            return clean.source_difference(
+                shared_forward(w, embed(w, task.corrupted)[None], positions, metric_queries_only=True))
+    sources = clean.sources[0]
     if ablation is Ablation.ZERO:
-        return torch.zeros_like(clean)
-    if ablation is Ablation.MEAN:
-        return clean.mean(dim=1, keepdim=True).expand_as(clean)
-    with torch.no_grad():
-        return shared_forward(w, embed(w, task.corrupted)[None], positions, metric_queries_only=True).sources[0]
+        return -sources
+    return sources.mean(dim=1, keepdim=True) - sources
 
 
 @dataclass(frozen=True, eq=False)
 class _GradRun:
-    sources: Tensor
+    shared: SharedRun
     metric: GraphMetric
 
 
@@ -179,7 +185,7 @@ def factored_gradients(
         at = g.reshape(K, 3 * H, B * P, E) @ W.reshape(3 * H, -1, E).transpose(-1, -2)
         at_ln.append(at.view(K, 3 * H, B, P, -1))
     n = 3 * graph.n_layers
-    return _GradRun(run.sources.detach(), gm), DestinationGrads(
+    return _GradRun(run, gm), DestinationGrads(
         at_ln=tuple(at_ln), resid_in=tuple(r.detach() for r in run.resid_in),
         mlp_in=tuple(gr.sum(0) for gr in grads[n: n + len(run.mlp_in)]), final=grads[-1].sum(0),
     )

@@ -14,6 +14,7 @@ ungated MLPs; anything else raises a ValueError naming what is unsupported.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,12 +244,21 @@ class SharedRun:
     [k, head, batch, pos, d_head]; `mlp_in[l]` the input of layer l's MLP; `final` the input of the final
     LayerNorm; `logits` at the metric positions [k, batch, n, vocab]."""
 
-    sources: Tensor
+    blocks: tuple[Tensor, ...]  # the sources by stage, [k_b, n_b, batch, pos, d_model], detached
     resid_in: tuple[Tensor, ...]
     qkv: tuple[tuple[Tensor, Tensor, Tensor], ...]
     mlp_in: tuple[Tensor, ...]
     final: Tensor
     logits: Tensor
+
+    @functools.cached_property
+    def sources(self) -> Float[Tensor, "k n_src batch pos d_model"]:
+        k = max(b.shape[0] for b in self.blocks)
+        return torch.cat([b.expand(k, *b.shape[1:]) for b in self.blocks], dim=1)
+
+    def source_difference(self, other: SharedRun) -> Float[Tensor, "n_src batch pos d_model"]:
+        """other's sources − these (first run of each), stage by stage in one pass."""
+        return torch.cat([o[:1] - b[:1] for o, b in zip(other.blocks, self.blocks)], dim=1)[0]
 
 
 def shared_forward(
@@ -293,9 +303,7 @@ def shared_forward(
             blocks.append(m[:, None])
             resid = resid + m + w.b_out[layer]
     final = resid.clone()
-    k_max = max(b.shape[0] for b in blocks)
-    sources = torch.cat([b.detach().expand(k_max, *b.shape[1:]) for b in blocks], dim=1)  # values, no graph
-    return SharedRun(sources, tuple(resid_in), tuple(qkv), tuple(mlp_in), final,
+    return SharedRun(tuple(b.detach() for b in blocks), tuple(resid_in), tuple(qkv), tuple(mlp_in), final,
                      unembed(w, final[..., positions.to(final.device), :]))
 
 

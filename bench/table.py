@@ -60,6 +60,7 @@ def ratio_table(raw: dict) -> list[dict]:
             "reference_peak_mib": ref["extra_info"].get("peak_mb"),
             "rounds": [ours["stats"]["rounds"], ref["stats"]["rounds"]],
             "full_size": bool(ours["extra_info"].get("full")),
+            "extra": {k: v for k, v in ours["extra_info"].items() if k not in ("side", "peak_mb", "full")},
         })
     return rows
 

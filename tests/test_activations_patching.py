@@ -249,3 +249,17 @@ def test_three_layers_equal_transformer_lens(site):
     for limit in (None, 2):  # chunks of two components start after position 0 (all but the first)
         ours = activation_patch(model, t, site, progress=False, batch_limit=limit).raw
         torch.testing.assert_close(ours, ref, atol=TOL * float(ref.abs().max()), rtol=0)
+
+
+def test_weights_read_again_after_the_model_changes(task):
+    """The weights engine caches what it reads per model; changing a parameter in place (as an optimiser step
+    does) must be seen by the next call."""
+    model = build(ModelSpec(2, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=11)
+    before = activation_patch(model, task, "z", progress=False).raw
+    with torch.no_grad():
+        dict(model.named_parameters())["layers.0._original_component.attn._original_component.q."
+                                        "_original_component.weight"].mul_(3.0)
+    after = activation_patch(model, task, "z", progress=False).raw
+    ref = _tl_oracle(model, task, "z", True)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, ref, atol=TOL * float(ref.abs().max()), rtol=0)

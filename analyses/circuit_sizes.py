@@ -31,7 +31,8 @@ SIZES = (4, 8, 12, 16, 20, 24, 32, 48)
 def backward_elimination(model: TransformerBridge, task: Task, *, smallest: int = 4, progress: bool = True
                          ) -> dict[int, float]:
     """{n: normalised metric} of the circuits left as edges are removed one at a time, each step removing the
-    edge whose removal keeps the task's normalised metric highest (resample ablation)."""
+    edge whose removal keeps the task's normalised metric highest (resample ablation).
+    Example: `backward_elimination(model, induction_task(8, 10, 64), smallest=8)[16]`"""
     p = EdgePatcher(model, task, "resample")
     gm = resolve_metric(task, task.metric, p.clean_logits_full)
     mask = p.graph.valid.clone().to(p.device)

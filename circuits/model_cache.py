@@ -34,6 +34,7 @@ def cached_read(model: nn.Module, kind: str, read: Callable[[nn.Module], T]) -> 
 
 
 def weights_key(model: nn.Module) -> tuple:
-    """Storage, version, shape and device of every parameter and buffer: equal while nothing was changed."""
+    """Storage, version, shape and device of every parameter and buffer: equal while nothing was changed.
+    Example: `weights_key(model) == weights_key(model)`"""
     return tuple((t.data_ptr(), t._version, tuple(t.shape), t.device.type)
                  for t in itertools.chain(model.parameters(), model.buffers()))

@@ -81,7 +81,8 @@ def query_row(p: Int[Tensor, " k"], q_new: Float[Tensor, "k batch head d_head"],
               k_new: Float[Tensor, "k batch head d_head"], v_new: Float[Tensor, "k batch head d_head"],
               k: Float[Tensor, "batch pos head d_head"], v: Float[Tensor, "batch pos head d_head"], scale: float
               ) -> Float[Tensor, "k batch head d_head"]:
-    """The output of the query at p[k] when that position's q, k and v all change (keys 0..p[k] visible)."""
+    """The output of the query at p[k] when that position's q, k and v all change (keys 0..p[k] visible).
+    Example: `z_p = query_row(p, q_row, k_row, v_row, run.k[0], run.v[0], scale)`"""
     keys = torch.arange(k.shape[1], device=k.device)
     at_p = (keys[None, :] == p[:, None])[:, None, None, :]  # k 1 1 key
     scores = torch.where(at_p, torch.einsum("kbhd,kbhd->kbh", q_new, k_new)[..., None],

@@ -168,7 +168,8 @@ def factored_gradients(
 ) -> tuple[_GradRun, DestinationGrads]:
     """The gradients of every destination of the unpatched runs from embedding sources `emb` (one per row k):
     one forward and one backward; each head's q, k and v gradient is carried back through its projection by
-    hand, so the forward keeps one residual stream per layer instead of one input per head."""
+    hand, so the forward keeps one residual stream per layer instead of one input per head.
+    Example: `run, grads = factored_gradients(w, graph, embed(w, task.clean)[None], task.positions, task, None)`"""
     with torch.enable_grad():
         emb = emb.detach().clone().requires_grad_(True)
         run = shared_forward(w, emb, positions, metric_queries_only=True)
@@ -204,7 +205,8 @@ def integrated_gradient_scores(
     clean_logits_at: Tensor,
 ) -> tuple[Float[Tensor, "n_src n_dst"], GraphMetric]:
     """Edge scores with the destination gradients averaged over `steps` points α = 1/m … 1 from the ablated
-    to the clean embeddings, in batched forwards (each against the clean run's metric reference)."""
+    to the clean embeddings, in batched forwards (each against the clean run's metric reference).
+    Example: `scores, metric = integrated_gradient_scores(w, g, clean, ablated, diff, pos, task, None, 8, ref)`"""
     alphas = torch.arange(1, steps + 1, device=clean.device, dtype=clean.dtype) / steps
     per_step = clean.numel() * (4 + 3 * graph.n_layers)
     total, gm = None, None
@@ -222,7 +224,8 @@ def edge_scores(
 ) -> Float[Tensor, "n_src n_dst"]:
     """Σ_{k, batch, pos, d_model} diff_s · grad_d for every edge (zero where there is none): per attention
     layer, the source differences below it go through each run's LayerNorm Jacobian and meet the gradients at
-    the LayerNorm's output in one matrix product; MLP inputs and the logits take the gradient at their input."""
+    the LayerNorm's output in one matrix product; MLP inputs and the logits take the gradient at their input.
+    Example: `edge_scores(graph, w, ablated - clean, grads)` ([n_src, n_dst])"""
     scores = torch.zeros(graph.n_sources, graph.n_destinations, dtype=diff.dtype, device=diff.device)
     for stage in _stages(graph):
         n = stage.n_below

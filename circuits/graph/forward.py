@@ -326,7 +326,8 @@ def layer_norm_jvp(
     params: tuple[Tensor, Tensor] | None, eps: float,
 ) -> Float[Tensor, "k n batch pos d_model"]:
     """The LayerNorm's Jacobian at each of the k inputs `x` applied to each of the n directions `t` (identity
-    without LN): weight · (t − mean t − x̂·mean(t·x̂)) / σ, the transpose of `layer_norm_backward`'s map."""
+    without LN): weight · (t − mean t − x̂·mean(t·x̂)) / σ, the transpose of `layer_norm_backward`'s map.
+    Example: `layer_norm_jvp(run.resid_in[1], diff[:6], (ln_w, ln_b), 1e-5)` ([k, 6, batch, pos, d_model])"""
     if params is None:
         return t[None].expand(x.shape[0], *t.shape)
     xhat, sigma = _standardise(x, eps)

@@ -23,6 +23,7 @@ from analyses.common import load_model, write_outputs
 from circuits.graph import EdgePatcher, acdc, eap, faithfulness_curve
 from circuits.graph.metric import resolve_metric
 from circuits.tasks import Task, induction_task
+from circuits.tasks.task import normalise
 from viz import Section, draw_faithfulness
 
 SIZES = (4, 8, 12, 16, 20, 24, 32, 48)
@@ -46,7 +47,7 @@ def backward_elimination(model: TransformerBridge, task: Task, *, smallest: int 
         candidates[torch.arange(len(edges)), edges[:, 0], edges[:, 1]] = False
         with torch.no_grad():
             values = torch.cat([gm.fn(p.run(chunk)) for chunk in candidates.split(p.chunk_size())])
-        values = (values - corrupted) / (clean - corrupted)
+        values = normalise(values, corrupted, clean)
         best = int(values.argmax())
         mask = candidates[best]
         found[int(mask.sum())] = float(values[best])

@@ -17,8 +17,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 FULL = os.environ.get("BENCH_FULL") == "1"
+
+
+def assert_equal_outputs(ours: torch.Tensor, reference: torch.Tensor, what: str = "") -> None:
+    """The pair's outputs agree: same shape, largest difference within 1e-5 of the reference's largest |value|."""
+    assert ours.shape == reference.shape, (what, ours.shape, reference.shape)
+    err = float((ours - reference).abs().max() / reference.abs().max())
+    assert err < 1e-5, f"{what}{': ' if what else ''}relative difference {err:.2e}"
 
 
 def _rss_bytes() -> int:

@@ -24,7 +24,7 @@ import pytest
 import torch
 import transformer_lens.patching as tlp
 
-from bench.conftest import FULL
+from bench.conftest import FULL, assert_equal_outputs
 from circuits.activations import activation_patch, attribution_patch
 from circuits.models import attn_only, random_gpt2
 from circuits.tasks import induction_task
@@ -69,12 +69,6 @@ def _result(side: str, site: str, model, task) -> torch.Tensor:
     return _RESULTS[side, site]
 
 
-def _assert_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    err = float((a - b).abs().max() / b.abs().max())
-    assert err < 1e-5, f"relative difference {err:.2e}"
-
-
 def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
@@ -85,7 +79,7 @@ def test_activation_patch_reference(run_bench, model, task, site):
     out = run_bench(lambda: _reference(model, task, site), group=group, side="reference",
                     rounds=1 if FULL else None)
     _RESULTS.setdefault(("reference", site), out)
-    _assert_equal(_result("ours", site, model, task), out)
+    assert_equal_outputs(_result("ours", site, model, task), out)
 
 
 @pytest.mark.parametrize("site", ["z", "resid_pre"])
@@ -93,7 +87,7 @@ def test_activation_patch_ours(run_bench, model, task, site):
     group = f"activations-patch-{site}-by-pos{SUFFIX}"
     out = run_bench(lambda: _ours(model, task, site), group=group, side="ours", rounds=1 if FULL else None)
     _RESULTS.setdefault(("ours", site), out)
-    _assert_equal(out, _result("reference", site, model, task))
+    assert_equal_outputs(out, _result("reference", site, model, task))
 
 
 GROUP_ATTR = f"activations-attribution-vs-activation-z-by-pos{SUFFIX}"
@@ -162,4 +156,4 @@ def test_activation_patch_attn2l(run_bench, zoo_model, zoo_task, site, side):
     _ZOO_RESULTS.setdefault((side, site), out)
     other = _zoo_result("reference" if side == "ours" else "ours", site, zoo_model, zoo_task)
     ours, reference = (out, other) if side == "ours" else (other, out)
-    _assert_equal(ours, reference)
+    assert_equal_outputs(ours, reference)

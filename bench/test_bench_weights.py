@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.conftest import FULL
+from bench.conftest import FULL, assert_equal_outputs
 from circuits.models import attn_only
 from circuits.weights import all_composition_scores, composition_baseline
 
@@ -45,8 +45,7 @@ def _result(side: str, model) -> list[torch.Tensor]:
 
 def _assert_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     for kind, x, y in zip("QKV", a, b):
-        err = float((x - y).abs().max() / y.abs().max())
-        assert err < 1e-5, f"{kind}: relative difference {err:.2e}"
+        assert_equal_outputs(x, y, kind)
 
 
 def test_composition_scores_reference(run_bench, model):

@@ -282,13 +282,9 @@ def run(w: Weights, tokens: Int[Tensor, "batch pos"]) -> Run:
     return Run(**acts, final=x)
 
 
-def unembed(w: Weights, resid: Float[Tensor, "*lead d_model"], columns: Int[Tensor, " v"] | None = None
-            ) -> Float[Tensor, "*lead v"]:
-    """ln_final then the unembedding, restricted to some vocabulary columns when `columns` is given."""
-    xn = layer_norm(resid, w.ln_final, w.eps)
-    if columns is None:
-        return xn @ w.W_U + w.b_U
-    return xn @ w.W_U[:, columns] + w.b_U[columns]
+def unembed(w: Weights, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab_out"]:
+    """ln_final then the unembedding."""
+    return layer_norm(resid, w.ln_final, w.eps) @ w.W_U + w.b_U
 
 
 # ---------------------------------------------------------------------------------------------- resuming

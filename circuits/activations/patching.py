@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -101,10 +102,9 @@ def _chunk_size(batch_limit: int | None, memory_mb: float | int, per_component_b
     return min(fit, batch_limit) if batch_limit is not None else fit
 
 
-def _chunks(comps: list[Components], size, progress: bool, desc: str):
-    """Components in chunks of `size(c)` (or `size`) per layer, behind a progress bar."""
-    sizes = [size(c) if callable(size) else size for c in comps]
-    parts = [c.chunk(i, i + n) for c, n in zip(comps, sizes) for i in range(0, len(c), n)]
+def _chunks(comps: list[Components], size: Callable[[Components], int], progress: bool, desc: str):
+    """Each layer's components in chunks of `size(c)`, behind a progress bar."""
+    parts = [c.chunk(i, i + n) for c in comps for n in [size(c)] for i in range(0, len(c), n)]
     return tqdm(parts, desc=desc, disable=not progress, leave=False)
 
 
@@ -179,7 +179,8 @@ def _run_hooks(model, task, site, comps, direction, custom, batch_limit, memory_
     P = task.seq_len
     cfg = model.cfg
     per_comp = 4 * task.batch * P * (2 * cfg.d_vocab + 16 * cfg.d_model + 3 * cfg.n_heads * P + 2 * (cfg.d_mlp or 0))
-    for c in _chunks(comps, _chunk_size(batch_limit, memory_mb, per_comp), progress, f"patching {site.value}"):
+    limit = _chunk_size(batch_limit, memory_mb, per_comp)
+    for c in _chunks(comps, lambda _: limit, progress, f"patching {site.value}"):
         scores = hooked.patch_chunk(model, site, c, base, src, score).cpu()
         for idx, s in zip(c.index, scores):
             out[idx] = s

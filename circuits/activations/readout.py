@@ -53,8 +53,7 @@ class Reader:
     def terms(self, resid: Float[Tensor, "*k batch n d_model"]) -> Float[Tensor, "*k batch n"]:
         """The task metric's term at each row and read position (the metric is their mean)."""
         if self.direction is not None:
-            xn = engine.layer_norm(resid, self.w.ln_final, self.w.eps)
-            return torch.linalg.vecdot(xn, self.direction) + self.offset
+            return self._logit_diff(resid, self.direction, self.offset)
         return self.task.position_terms(engine.unembed(self.w, resid), self.clean_logits)
 
     def score(self, resid: Float[Tensor, "*k batch n d_model"] | engine.FinalRows) -> Float[Tensor, "*k"]:
@@ -67,6 +66,12 @@ class Reader:
         lead = logits.shape[:-3]
         flat = logits.reshape(-1, *logits.shape[-3:])
         return torch.stack([call_metric(self.custom, x) for x in flat]).reshape(lead)
+
+    def _logit_diff(self, resid: Float[Tensor, "... d_model"], direction: Float[Tensor, "... d_model"],
+                    offset: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+        """ln_final(resid) · (W_U[:, answer] − W_U[:, wrong]) + b_U[answer] − b_U[wrong], broadcast over leading
+        dims (resid [*k, batch, n] against direction [batch, n], or rows [k, batch] against [k, batch])."""
+        return torch.linalg.vecdot(engine.layer_norm(resid, self.w.ln_final, self.w.eps), direction) + offset
 
     def _score_rows(self, r: engine.FinalRows) -> Float[Tensor, " k"]:
         """Scores when each run differs from the base at one read position: only that position is read."""
@@ -84,8 +89,7 @@ class Reader:
                    direction: Tensor | None) -> Float[Tensor, "k batch"]:
         """The metric term of row k placed at read index n[k]."""
         if direction is not None:
-            xn = engine.layer_norm(rows, self.w.ln_final, self.w.eps)
-            return torch.linalg.vecdot(xn, direction) + self.offset[:, n].T
+            return self._logit_diff(rows, direction, self.offset[:, n].T)
         logits = engine.unembed(self.w, rows)[:, :, None]  # k batch 1 vocab
         answers = self.task.answers.to(n.device)[:, n].T[..., None]
         clean = None if self.clean_logits is None else self.clean_logits[:, self.read_pos[n]].movedim(1, 0)[:, :, None]

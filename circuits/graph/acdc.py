@@ -178,7 +178,7 @@ class _Walk:
         remaining = self.incoming(d)
         prior = self.decided.get(self.kind(d), {})
         guesses = [prior.get(s, True) for s in remaining]
-        self.decided[self.kind(d)] = {s: True for s in remaining}  # updated below as decisions are made
+        decided = self.decided[self.kind(d)] = {}  # every incoming edge is decided before the loop ends
         last_removal: tuple[Evaluated, int] | None = None
         while remaining:
             candidates, trial = [], column.clone()
@@ -199,7 +199,7 @@ class _Walk:
                 increase = loss - self.loss
                 self.scores[s, d] = increase
                 remove = increase < self.threshold
-                self.decided[self.kind(d)][s] = remove
+                decided[s] = remove
                 if remove:
                     column[s] = False
                     self.loss = loss

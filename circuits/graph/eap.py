@@ -149,7 +149,7 @@ class DestinationGrads:
         """Every destination's gradient at its input (the residual stream), summed over the k runs."""
         out = []
         for layer in range(graph.n_layers):
-            ln = None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer])
+            ln = w.ln_at("ln1", layer)
             out.append(layer_norm_backward(self.resid_in[layer][:, None], self.at_ln[layer], ln, w.eps).sum(0))
             if graph.has_mlp:
                 out.append(self.mlp_in[layer][None])
@@ -230,7 +230,7 @@ def edge_scores(
     for stage in _stages(graph):
         n = stage.n_below
         if stage.kind is NodeKind.HEAD_INPUT:
-            ln = None if w.ln1 is None else (w.ln1[0][stage.layer], w.ln1[1][stage.layer])
+            ln = w.ln_at("ln1", stage.layer)
             pushed = layer_norm_jvp(grads.resid_in[stage.layer], diff[:n], ln, w.eps)  # [k, n, batch, pos, d]
             at_ln = grads.at_ln[stage.layer]  # [k, 3 · head, batch, pos, d]
             scores[:n, stage.dst] = pushed.transpose(0, 1).reshape(n, -1) @ at_ln.transpose(0, 1).reshape(

@@ -73,6 +73,11 @@ class NativeWeights:
     def device(self) -> torch.device:
         return self.W_E.device
 
+    def ln_at(self, name: str, layer: int) -> tuple[Tensor, Tensor] | None:
+        """Weight and bias of one layer's `ln1` or `ln2` (None without LayerNorm)."""
+        stacked = getattr(self, name)
+        return None if stacked is None else (stacked[0][layer], stacked[1][layer])
+
     @classmethod
     def of(cls, model: TransformerBridge) -> NativeWeights:
         """Read the weights of a native bridge; raises ValueError for an architecture the engine cannot run.
@@ -198,7 +203,7 @@ def attend(
     `q_pos` are the positions of the queries in `x_q` (all positions, or the metric positions in the last
     layer); keys and values cover positions 0..pos-1. Leading dims broadcast (a `*k` of 1 shares an input).
     """
-    ln = None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer])
+    ln = w.ln_at("ln1", layer)
     q = _per_head(layer_norm(x_q, ln, w.eps), w.W_Q[layer, heads]) + w.b_Q[layer, heads][:, None, None, :]
     k = _per_head(layer_norm(x_k, ln, w.eps), w.W_K[layer, heads]) + w.b_K[layer, heads][:, None, None, :]
     v = _per_head(layer_norm(x_v, ln, w.eps), w.W_V[layer, heads]) + w.b_V[layer, heads][:, None, None, :]
@@ -226,7 +231,7 @@ def causal_bias(q_pos: Int[Tensor, " nq"], n_keys: int, dtype: torch.dtype) -> F
 
 def mlp(w: NativeWeights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
     """An MLP's output `act(ln2(x) @ W_in + b_in) @ W_out` (without `b_out`, a constant of the residual stream)."""
-    ln = None if w.ln2 is None else (w.ln2[0][layer], w.ln2[1][layer])
+    ln = w.ln_at("ln2", layer)
     return w.act(layer_norm(x, ln, w.eps) @ w.W_in[layer] + w.b_in[layer]) @ w.W_out[layer]
 
 
@@ -278,7 +283,7 @@ def shared_forward(
     bias = causal_bias(torch.arange(n_pos, device=emb.device), n_pos, emb.dtype)
     for layer in range(w.n_layers):
         resid_in.append(resid)
-        ln = layer_norm(resid, None if w.ln1 is None else (w.ln1[0][layer], w.ln1[1][layer]), w.eps)
+        ln = layer_norm(resid, w.ln_at("ln1", layer), w.eps)
         K, B, P, D = ln.shape
         H, E = w.n_heads, w.W_Q.shape[-1]
         # q, k and v of every head from one matrix product (as the model computes them)

@@ -175,10 +175,10 @@ class _Walk:
         candidate: the new state is taken from its evaluation, with no further forward.
         """
         column = self.state.mask[:, d].clone()
-        remaining = self.incoming(d)
         prior = self.decided.get(self.kind(d), {})
-        guesses = [prior.get(s, True) for s in remaining]
         decided = self.decided[self.kind(d)] = {}  # every incoming edge is decided before the loop ends
+        remaining = self._remove_inert(d, column, decided)
+        guesses = [prior.get(s, True) for s in remaining]
         last_removal: tuple[Evaluated, int] | None = None
         while remaining:
             candidates, trial = [], column.clone()
@@ -214,12 +214,45 @@ class _Walk:
             if not torch.equal(evaluated.columns[i].cpu(), column.cpu()):
                 raise AssertionError("the last removal's candidate is the final column")
             self.state = commit_evaluated(self.patcher, self.state, evaluated, i, in_place=True)
+        else:
+            self._set_column_without_forward(d, column)
+
+    def _remove_inert(self, d: int, column: Bool[Tensor, " n_src"], decided: dict[int, bool]) -> list[int]:
+        """Remove the incoming edges of d whose source equals its ablated value wherever d reads it (for
+        resample ablation, the positional embedding; in the last layer's queries and the logits, which read
+        the metric positions only, any source the clean and corrupted inputs share there): their removal
+        leaves every input unchanged, so the loss rises by exactly 0, which is below any threshold > 0,
+        whatever else is removed. (The plain algorithm measures float rounding for them: ~1e-7.) With
+        threshold 0 they are tested like the rest. Returns the other incoming sources, in order."""
+        remaining = self.incoming(d)
+        if self.threshold <= 0:
+            return remaining
+        at = self.patcher.at_metric_positions(d)
+        current = self.state.sources_at if at else self.state.sources
+        ablated = self.patcher.ablated_at if at else self.patcher.ablated
+        others = []
+        for s in remaining:
+            if torch.equal(current[s], ablated[s]):
+                self.scores[s, d] = 0.0
+                column[s] = False
+                decided[s] = True
+            else:
+                others.append(s)
+        return others
+
+    def _set_column_without_forward(self, d: int, column: Bool[Tensor, " n_src"]) -> None:
+        """Set column d where the run cannot change (only inert edges were removed)."""
+        if not torch.equal(column, self.state.mask[:, d]):
+            mask = self.state.mask.clone()
+            mask[:, d] = column
+            self.state = self.state.with_mask(mask)
 
     def batched_destination(self, d: int) -> None:
         """Test every incoming edge of d alone against the current circuit; remove all that stay under threshold."""
         column = self.state.mask[:, d].clone()
-        remaining = self.incoming(d)
+        remaining = self._remove_inert(d, column, {})
         if not remaining:
+            self._set_column_without_forward(d, column)
             return
         candidates = []
         for s in remaining:

@@ -203,14 +203,32 @@ def attend(
     `q_pos` are the positions of the queries in `x_q` (all positions, or the metric positions in the last
     layer); keys and values cover positions 0..pos-1. Leading dims broadcast (a `*k` of 1 shares an input).
     """
-    ln = w.ln_at("ln1", layer)
-    q = _per_head(layer_norm(x_q, ln, w.eps), w.W_Q[layer, heads]) + w.b_Q[layer, heads][:, None, None, :]
-    k = _per_head(layer_norm(x_k, ln, w.eps), w.W_K[layer, heads]) + w.b_K[layer, heads][:, None, None, :]
-    v = _per_head(layer_norm(x_v, ln, w.eps), w.W_V[layer, heads]) + w.b_V[layer, heads][:, None, None, :]
+    q, k, v = (project(w, layer, heads, x, j) for j, x in enumerate((x_q, x_k, x_v)))
+    return attend_projected(w, layer, heads, q, k, v, q_pos)
+
+
+def project(w: NativeWeights, layer: int, heads: Int[Tensor, " h"], x: Float[Tensor, "*k h batch pos d_model"],
+            which: int) -> Float[Tensor, "*k h batch pos d_head"]:
+    """Some heads' queries (`which` 0), keys (1) or values (2) from their inputs: LN(x) @ W + b, per head.
+    Example: `project(w, 0, torch.arange(4), resid[:, None].expand(-1, 4, -1, -1, -1), 1)` (every head's keys)"""
+    W, b = ((w.W_Q, w.b_Q), (w.W_K, w.b_K), (w.W_V, w.b_V))[which]
+    return _per_head(layer_norm(x, w.ln_at("ln1", layer), w.eps), W[layer, heads]) + b[layer, heads][:, None, None, :]
+
+
+def attend_projected(
+    w: NativeWeights,
+    layer: int,
+    heads: Int[Tensor, " h"],
+    q: Float[Tensor, "*kq h batch nq d_head"],
+    k: Float[Tensor, "*kk h batch pos d_head"],
+    v: Float[Tensor, "*kv h batch pos d_head"],
+    q_pos: Int[Tensor, " nq"],
+) -> Float[Tensor, "*k h batch nq d_model"]:
+    """`attend` from the heads' queries, keys and values (see `project`)."""
     scores = q @ k.transpose(-1, -2) / w.attn_scale
     # adding -inf above the diagonal equals the model's masked_fill(-inf), softmax, masked_fill(0): every
     # query sees key 0, so no row is fully masked
-    pattern = (scores + causal_bias(q_pos.to(q.device), x_k.shape[-2], scores.dtype)).softmax(-1)
+    pattern = (scores + causal_bias(q_pos.to(q.device), k.shape[-2], scores.dtype)).softmax(-1)
     return _per_head(pattern @ v, w.W_O[layer, heads])
 
 

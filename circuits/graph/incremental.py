@@ -13,13 +13,13 @@ metric positions only (elsewhere they are never read); everything below is kept 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuits.graph.forward import attend, mlp, unembed
+from circuits.graph.forward import attend_projected, mlp, project, unembed
 from circuits.graph.nodes import NodeKind
 from circuits.graph.patching import EdgePatcher
 
@@ -27,7 +27,9 @@ from circuits.graph.patching import EdgePatcher
 @dataclass(frozen=True, eq=False)
 class CircuitState:
     """One circuit's run: its mask, every source's output and destination's input (also at the metric
-    positions: `sources_at`, `inputs_at`), and its logits at the metric positions."""
+    positions: `sources_at`, `inputs_at`), and its logits at the metric positions. `projected` caches the
+    query, key or value [1, batch, pos, d_head] that a head computes from its current input (filled as
+    evaluations read them; a head input read at the metric positions only is projected there only)."""
 
     mask: Bool[Tensor, "n_src n_dst"]
     sources: Float[Tensor, "n_src batch pos d_model"]
@@ -35,10 +37,12 @@ class CircuitState:
     logits: Float[Tensor, "batch n vocab"]
     sources_at: Float[Tensor, "n_src batch n d_model"]
     inputs_at: Float[Tensor, "n_dst batch n d_model"]
+    projected: dict[int, Tensor] = field(default_factory=dict)
 
     def with_mask(self, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
         """The same run under another mask (for changes that cannot alter it, e.g. edges into unused nodes)."""
-        return CircuitState(mask, self.sources, self.inputs, self.logits, self.sources_at, self.inputs_at)
+        return CircuitState(mask, self.sources, self.inputs, self.logits, self.sources_at, self.inputs_at,
+                            self.projected)
 
 
 def circuit_state(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
@@ -93,9 +97,11 @@ def commit_evaluated(
     with torch.no_grad():
         if in_place:
             sources, inputs, sources_at, inputs_at = state.sources, state.inputs, state.sources_at, state.inputs_at
+            projected = state.projected
         else:
             sources, inputs = state.sources.clone(), state.inputs.clone()
             sources_at, inputs_at = state.sources_at.clone(), state.inputs_at.clone()
+            projected = dict(state.projected)
         for s, (value, restricted) in prop.outputs.items():
             row = value[i if value.shape[0] > 1 else 0]
             _write(sources[s], row, restricted, pos)
@@ -105,9 +111,14 @@ def commit_evaluated(
             at = patcher.at_metric_positions(dst)
             _write(inputs[dst], row, at, pos)
             inputs_at[dst] = row if at else row[..., pos, :]
+            value = prop.new_projected.get(dst)
+            if value is None:
+                projected.pop(dst, None)
+            else:
+                projected[dst] = value[i:i + 1] if value.shape[0] > 1 else value
     mask = state.mask.clone()
     mask[:, evaluated.d] = evaluated.columns[i]
-    return CircuitState(mask, sources, inputs, evaluated.logits[i], sources_at, inputs_at)
+    return CircuitState(mask, sources, inputs, evaluated.logits[i], sources_at, inputs_at, projected)
 
 
 def commit_column(
@@ -118,8 +129,7 @@ def commit_column(
 
 
 def _stack_heads(xs: list[Tensor]) -> Tensor:
-    """Stack per-head inputs [k_i, batch, pos, d] on a head axis; an input no candidate changes keeps a leading
-    1 (and is normalised and projected once) unless another head's input has k candidates."""
+    """Stack per-head queries, keys or values [k_i, batch, pos, d_head] on a head axis (broadcasting k)."""
     k = max(x.shape[0] for x in xs)
     return torch.stack([x.expand(k, *x.shape[1:]) for x in xs], dim=1)
 
@@ -138,6 +148,7 @@ class _Propagation:
         self.p, self.state, self.d, self.columns = patcher, state, d, columns
         self.outputs: dict[int, tuple[Tensor, bool]] = {}  # source -> (new output [k, batch, P, d], restricted)
         self.new_inputs: dict[int, Tensor] = {}  # destination -> its new input [k, batch, P, d]
+        self.new_projected: dict[int, Tensor] = {}  # head input -> its new query, key or value [k, batch, P, e]
 
     def run(self) -> Tensor:
         p, w = self.p, self.p.weights
@@ -159,22 +170,37 @@ class _Propagation:
     def attention(self, i: int) -> None:
         """Recompute the heads of one layer whose q, k or v input changed."""
         p, stage, H = self.p, self.p.stages[i], self.p.graph.n_heads
-        heads, inputs = [], []
+        heads, projected = [], []
         for h in range(H):
             dsts = [stage.dst.start + j * H + h for j in range(3)]
             xs = [self.input_of(i, dst) for dst in dsts]
             if all(x is None for x in xs):
                 continue
             heads.append(h)
-            inputs.append([self.current_input(dst)[None] if x is None else x for dst, x in zip(dsts, xs)])
+            projected.append([self.projection(stage.layer, h, j, dst, x) for j, (dst, x) in enumerate(zip(dsts, xs))])
         if not heads:
             return
-        q, key, v = (_stack_heads([xs[j] for xs in inputs]) for j in range(3))
+        q, key, v = (_stack_heads([qkv[j] for qkv in projected]) for j in range(3))
         restricted = p.at_metric_positions(stage.dst.start)  # the layer's first q input
         q_pos = p.positions if restricted else torch.arange(key.shape[-2], device=p.device)
-        out = attend(p.weights, stage.layer, torch.tensor(heads, device=p.device), q, key, v, q_pos)
+        out = attend_projected(p.weights, stage.layer, torch.tensor(heads, device=p.device), q, key, v, q_pos)
         for j, h in enumerate(heads):
             self.outputs[stage.out.start + h] = (out[:, j], restricted)
+
+    def projection(self, layer: int, h: int, which: int, dst: int, x: Tensor | None) -> Tensor:
+        """Head h's query, key or value (`which` 0, 1, 2) from its new input x [k, batch, P, d] (kept for a
+        commit), or the state's (projected once and cached) where no candidate changes it (x None)."""
+        if x is None:
+            cached = self.state.projected.get(dst)
+            if cached is None:
+                cached = self.state.projected[dst] = self._project(layer, h, which, self.current_input(dst)[None])
+            return cached
+        y = self.new_projected[dst] = self._project(layer, h, which, x)
+        return y
+
+    def _project(self, layer: int, h: int, which: int, x: Tensor) -> Tensor:
+        head = torch.tensor([h], device=x.device)
+        return project(self.p.weights, layer, head, x[:, None], which)[:, 0]
 
     def current_input(self, dst: int) -> Tensor:
         at = self.p.at_metric_positions(dst)

@@ -3,6 +3,7 @@ circuits, the batched mode, bad input."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -93,6 +94,41 @@ def test_planted_resample_ablation_keeps_edges_that_carry_a_difference(planted, 
     assert set(r.edges) == PLANTED_RESAMPLE
     # the edges ACDC dropped as carrying no difference really change nothing
     assert r.values[0, ComputeGraph.of(planted).edge("pos_embed", "L0H2.q").dst].abs() < 1e-6
+
+
+def test_edges_that_carry_nothing_are_removed_without_a_forward(tiny2, task24, monkeypatch):
+    """Under resample ablation on an induction task the positional embedding is the same in both runs, and the
+    token embedding is the same at the metric positions (the second half): every pos_embed edge, and the
+    tok_embed edges into the last layer's queries and the logits, change nothing. Exact mode removes them with
+    a score of exactly 0 and spends no forward on them, making the plain algorithm's decisions (which measure
+    float rounding there, far below the threshold). With threshold 0 they are tested like every other edge."""
+    acdc_module = importlib.import_module("circuits.graph.acdc")  # the package exports the function `acdc`
+    g = ComputeGraph.of(tiny2)
+    evaluated = []  # (destination, candidate columns) of every batched evaluation
+
+    def spy(patcher, state, d, columns):
+        evaluated.append((d, columns.clone()))
+        return evaluate_columns(patcher, state, d, columns)
+
+    evaluate_columns = acdc_module.evaluate_columns
+    monkeypatch.setattr(acdc_module, "evaluate_columns", spy)
+    ours = acdc(tiny2, task24, threshold=1e-3, progress=False)
+    monkeypatch.undo()
+    mask, n_plain = reference_acdc(tiny2, task24, threshold=1e-3)
+    assert torch.equal(ours.circuit.members, mask)
+    inert = [(g.source_names.index("pos_embed"), d) for d in range(g.n_destinations)]
+    last = [d for d, node in enumerate(g.destinations) if node.layer == g.n_layers - 1 and node.qkv == "q"]
+    inert += [(g.source_names.index("tok_embed"), d) for d in last + [g.destination_names.index("logits")]]
+    tested = ~ours.values.isnan()
+    assert all(ours.values[s, d] == 0.0 and not ours.circuit.members[s, d] for s, d in inert if tested[s, d])
+    assert sum(bool(tested[s, d]) for s, d in inert) >= 20
+    # no forward tested an inert edge: every candidate evaluated already has them removed
+    assert all(not columns[:, s].any() for d, columns in evaluated for s, d2 in inert if d2 == d)
+    # threshold 0: measured by a forward like the rest (a rounding-sized score, its sign deciding; the plain
+    # algorithm's own rounding then decides differently for some, so there is no circuit to compare)
+    at_zero = acdc(tiny2, task24, threshold=0.0, progress=False)
+    s, d = inert[0]  # pos_embed -> the first destination, the last one visited: never dropped unvisited
+    assert not math.isnan(at_zero.values[s, d]) and abs(at_zero.values[s, d]) < 1e-5
 
 
 def test_batched_mode(tiny2, planted, planted_task, task24):

@@ -16,6 +16,9 @@ are dropped without a forward (as ACDC does). Every test costs one forward of th
   last round's guessed path stayed under threshold) and checked in order: every candidate up to the
   first wrong guess tested exactly the circuit the plain algorithm tests, so its decision is the plain
   algorithm's; the batch resumes after it.
+- an edge whose source equals its ablated value wherever the destination reads it (for resample ablation
+  the positional embedding, and at the metric positions any token the clean and corrupted inputs share)
+  changes no input: with a threshold > 0 it is removed with a score of exactly 0 and no forward.
 The scores (loss increases) equal the plain algorithm's to float rounding.
 
 `mode="batched"` tests all incoming edges of a destination against the same circuit in one forward and

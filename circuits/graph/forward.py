@@ -222,13 +222,15 @@ def attend_projected(
     q: Float[Tensor, "*kq h batch nq d_head"],
     k: Float[Tensor, "*kk h batch pos d_head"],
     v: Float[Tensor, "*kv h batch pos d_head"],
-    q_pos: Int[Tensor, " nq"],
+    q_pos: Int[Tensor, " nq"] | Float[Tensor, "nq pos"],
 ) -> Float[Tensor, "*k h batch nq d_model"]:
-    """`attend` from the heads' queries, keys and values (see `project`)."""
+    """`attend` from the heads' queries, keys and values (see `project`); `q_pos` may also be given as its
+    `causal_bias` (computed once by a caller that attends many times)."""
     scores = q @ k.transpose(-1, -2) / w.attn_scale
     # adding -inf above the diagonal equals the model's masked_fill(-inf), softmax, masked_fill(0): every
     # query sees key 0, so no row is fully masked
-    pattern = (scores + causal_bias(q_pos.to(q.device), k.shape[-2], scores.dtype)).softmax(-1)
+    bias = q_pos if q_pos.is_floating_point() else causal_bias(q_pos.to(q.device), k.shape[-2], scores.dtype)
+    pattern = (scores + bias).softmax(-1)
     return _per_head(pattern @ v, w.W_O[layer, heads])
 
 

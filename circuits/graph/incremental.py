@@ -13,13 +13,14 @@ metric positions only (elsewhere they are never read); everything below is kept 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuits.graph.forward import attend_projected, mlp, project, unembed
+from circuits.graph.forward import attend_projected, layer_norm, mlp, unembed
 from circuits.graph.nodes import NodeKind
 from circuits.graph.patching import EdgePatcher
 
@@ -27,9 +28,10 @@ from circuits.graph.patching import EdgePatcher
 @dataclass(frozen=True, eq=False)
 class CircuitState:
     """One circuit's run: its mask, every source's output and destination's input (also at the metric
-    positions: `sources_at`, `inputs_at`), and its logits at the metric positions. `projected` caches the
-    query, key or value [1, batch, pos, d_head] that a head computes from its current input (filled as
-    evaluations read them; a head input read at the metric positions only is projected there only)."""
+    positions: `sources_at`, `inputs_at`), and its logits at the metric positions. Caches filled as
+    evaluations need them: `projected`, the query, key or value [1, batch, pos, d_head] each head computes
+    from its current input (a head input read at the metric positions only is projected there only);
+    `seed_terms`, per stage, the fixed part of its destinations' candidate inputs (see `_Propagation.seed`)."""
 
     mask: Bool[Tensor, "n_src n_dst"]
     sources: Float[Tensor, "n_src batch pos d_model"]
@@ -38,11 +40,17 @@ class CircuitState:
     sources_at: Float[Tensor, "n_src batch n d_model"]
     inputs_at: Float[Tensor, "n_dst batch n d_model"]
     projected: dict[int, Tensor] = field(default_factory=dict)
+    seed_terms: dict[tuple[int, bool], tuple[Tensor, Tensor, torch.Size]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def kept(self) -> list[list[bool]]:
+        """The mask as nested lists (membership tests in Python, without a tensor access each)."""
+        return self.mask.tolist()
 
     def with_mask(self, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
         """The same run under another mask (for changes that cannot alter it, e.g. edges into unused nodes)."""
         return CircuitState(mask, self.sources, self.inputs, self.logits, self.sources_at, self.inputs_at,
-                            self.projected)
+                            self.projected, self.seed_terms)
 
 
 def circuit_state(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
@@ -118,7 +126,10 @@ def commit_evaluated(
                 projected[dst] = value[i:i + 1] if value.shape[0] > 1 else value
     mask = state.mask.clone()
     mask[:, evaluated.d] = evaluated.columns[i]
-    return CircuitState(mask, sources, inputs, evaluated.logits[i], sources_at, inputs_at, projected)
+    # the seed terms of a stage hold its sources: kept while none of them changed
+    first_changed = min(prop.outputs, default=patcher.graph.n_sources)
+    seed_terms = {key: t for key, t in state.seed_terms.items() if patcher.stages[key[0]].n_below <= first_changed}
+    return CircuitState(mask, sources, inputs, evaluated.logits[i], sources_at, inputs_at, projected, seed_terms)
 
 
 def commit_column(
@@ -182,8 +193,7 @@ class _Propagation:
             return
         q, key, v = (_stack_heads([qkv[j] for qkv in projected]) for j in range(3))
         restricted = p.at_metric_positions(stage.dst.start)  # the layer's first q input
-        q_pos = p.positions if restricted else torch.arange(key.shape[-2], device=p.device)
-        out = attend_projected(p.weights, stage.layer, torch.tensor(heads, device=p.device), q, key, v, q_pos)
+        out = attend_projected(p.weights, stage.layer, p.head_index(heads), q, key, v, p.causal_bias(restricted))
         for j, h in enumerate(heads):
             self.outputs[stage.out.start + h] = (out[:, j], restricted)
 
@@ -199,8 +209,9 @@ class _Propagation:
         return y
 
     def _project(self, layer: int, h: int, which: int, x: Tensor) -> Tensor:
-        head = torch.tensor([h], device=x.device)
-        return project(self.p.weights, layer, head, x[:, None], which)[:, 0]
+        w = self.p.weights
+        W, b = ((w.W_Q, w.b_Q), (w.W_K, w.b_K), (w.W_V, w.b_V))[which]
+        return torch.matmul(layer_norm(x, w.ln_at("ln1", layer), w.eps), W[layer, h]) + b[layer, h]
 
     def current_input(self, dst: int) -> Tensor:
         at = self.p.at_metric_positions(dst)
@@ -215,7 +226,8 @@ class _Propagation:
         if dst == self.d:
             x = self.seed(i, at)
         else:
-            fed = [s for s in self.outputs if self.state.mask[s, dst]]
+            kept = self.state.kept
+            fed = [s for s in self.outputs if kept[s][dst]]
             if not fed:
                 return None
             base = self.current_input(dst)
@@ -231,11 +243,22 @@ class _Propagation:
         return x
 
     def seed(self, i: int, at: bool) -> Tensor:
-        """The candidates' input of d: bias + Σ kept sources + Σ ablated values of removed ones, each summed as
-        it is (a destination that keeps few edges is not a small difference of large sums)."""
-        nb = self.p.stages[i].n_below
-        sources = (self.state.sources_at if at else self.state.sources)[:nb]
-        ablated = (self.p.ablated_at if at else self.p.ablated)[:nb]
-        kept = self.columns[:, :nb].to(sources.dtype)
-        x = kept @ sources.flatten(1) + (1 - kept) @ ablated.flatten(1)
-        return x.unflatten(1, sources.shape[1:]) + self.p.biases[i]
+        """The candidates' input of d: (bias + Σ ablated sources) + Σ kept (source − ablated), one product with
+        the candidates' columns (`_seed_terms`, kept on the state while d's sources are unchanged). Every term
+        is a source-sized vector, so a destination that keeps few edges is not a small difference of large
+        sums (as `input − Σ removed (source − ablated)` would be)."""
+        base, difference, shape = self._seed_terms(i, at)
+        kept = self.columns[:, : difference.shape[0]].to(difference.dtype)
+        return torch.addmm(base, kept, difference).unflatten(1, shape)
+
+    def _seed_terms(self, i: int, at: bool) -> tuple[Tensor, Tensor, torch.Size]:
+        terms = self.state.seed_terms.get((i, at))
+        if terms is None:
+            nb = self.p.stages[i].n_below
+            sources = (self.state.sources_at if at else self.state.sources)[:nb]
+            ablated = (self.p.ablated_at if at else self.p.ablated)[:nb]
+            base = ablated.sum(0) + self.p.biases[i]
+            terms = (base.flatten()[None], (sources - ablated).flatten(1), base.shape)
+            self.state.seed_terms.clear()  # one stage's at a time (ACDC walks a layer's destinations in turn)
+            self.state.seed_terms[(i, at)] = terms
+        return terms

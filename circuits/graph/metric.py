@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuits.tasks.task import Metric, Task
+from circuits.tasks.task import Metric, Task, kl_terms
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,8 +51,19 @@ def resolve_metric(
     scored = task.with_metric(m) if m is not Metric.LOGIT_DIFF or task.wrong_answers is not None else None
     if scored is None:
         raise ValueError("metric: 'logit_diff' needs a task with wrong_answers")
-    clean = clean_logits_full if m is Metric.KL else None
-    return GraphMetric(m.value, lambda logits_at: scored.score_positions(logits_at, clean), m is not Metric.KL)
+    if m is Metric.KL:
+        clean_at = task.read_logits(clean_logits_full)  # read once: a metric is called for every evaluation
+        return GraphMetric(m.value, lambda logits_at: _mean_kl(task, logits_at, clean_at), higher_is_better=False)
+    return GraphMetric(m.value, scored.score_positions, higher_is_better=True)
+
+
+def _mean_kl(task: Task, logits_at: Float[Tensor, "k batch n vocab"], clean_at: Float[Tensor, "batch n vocab"]
+             ) -> Float[Tensor, " k"]:
+    """`task.with_metric("kl").score_positions`, from the clean logits already at the metric positions."""
+    if logits_at.shape[-3:-1] != clean_at.shape[:-1]:
+        raise ValueError(f"logits: expected [..., {task.batch}, {len(task.positions)}, vocab] at the metric "
+                         f"positions, got {tuple(logits_at.shape)}")
+    return kl_terms(logits_at, clean_at).mean(dim=(-1, -2))
 
 
 def _callable_metric(task: Task, fn: Callable[[Tensor], Tensor], clean_logits_full: Tensor) -> GraphMetric:

@@ -26,7 +26,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.graph.forward import NativeWeights, attend, embed, mlp, shared_forward, unembed
+from circuits.graph.forward import NativeWeights, attend, causal_bias, embed, mlp, shared_forward, unembed
 from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.tasks.task import Task
 
@@ -93,6 +93,13 @@ class EdgePatcher:
         self.positions = task.positions.to(self.device)
         self.stages = _stages(self.graph)
         self.biases = self._stage_biases()
+        self._at_metric = [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)]
+        self._head_index: dict[tuple[int, ...], Tensor] = {}
+        n_pos = task.seq_len
+        self._causal_bias = {
+            False: causal_bias(torch.arange(n_pos, device=self.device), n_pos, self.weights.W_E.dtype),
+            True: causal_bias(self.positions, n_pos, self.weights.W_E.dtype),
+        }
         with torch.no_grad():
             clean = self.forward(self.embed(task.clean), None, keep=True)
             self.clean_sources = clean.sources[0]
@@ -113,6 +120,20 @@ class EdgePatcher:
     def at_metric_positions(self, d: int) -> bool:
         """True for destinations read only at the metric positions: the logits, and the queries and MLP input
         of the last layer (the last layer's outputs reach nothing but the logits)."""
+        return self._at_metric[d]
+
+    def head_index(self, heads: list[int]) -> Int[Tensor, " h"]:
+        """Some heads' indices as a tensor (made once per set of heads)."""
+        key = tuple(heads)
+        if key not in self._head_index:
+            self._head_index[key] = torch.tensor(key, device=self.device)
+        return self._head_index[key]
+
+    def causal_bias(self, at_metric_positions: bool) -> Float[Tensor, "nq pos"]:
+        """The attention mask's bias for queries at every position, or at the metric positions only."""
+        return self._causal_bias[at_metric_positions]
+
+    def _reads_metric_positions_only(self, d: int) -> bool:
         node = self.graph.destinations[d]
         last = node.layer >= self.n_layers - 1
         return node.kind is NodeKind.LOGITS or (last and (node.kind is NodeKind.MLP or node.qkv == "q"))

@@ -263,3 +263,35 @@ def test_weights_read_again_after_the_model_changes(task):
     ref = _tl_oracle(model, task, "z", True)
     assert (after - before).abs().max() > 1e-4
     torch.testing.assert_close(after, ref, atol=TOL * float(ref.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "z", "q", "k", "pattern"])
+def test_patches_that_write_the_base_value_cost_no_forward(mlp_model, site, monkeypatch):
+    """Clean and corrupted differ at one position (4): every activation before it is the same in both runs
+    (attention is causal), and in the embeddings' block so is every later position's resid_pre. Those
+    components equal the corrupted baseline exactly, the rest transformer_lens, and none of them is run."""
+    import importlib
+
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(1, 24, (3, 9), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 4] = (clean[:, 4] + 5) % 23 + 1
+    task = Task("one-token", clean, corrupted, clean[:, 5:8], torch.tensor([5, 6, 7]), clean[:, 1:4])
+    patching = importlib.import_module("circuits.activations.patching")
+    run_positions = []
+
+    def spy(resume, src, s, c):
+        run_positions.extend((c.layer, p) for p in c.pos.tolist())
+        return patched_resid(resume, src, s, c)
+
+    patched_resid = patching.patched_resid
+    monkeypatch.setattr(patching, "patched_resid", spy)
+    ours = activation_patch(mlp_model, task, site, progress=False)
+    monkeypatch.undo()
+    torch.testing.assert_close(ours.raw, _tl_oracle(mlp_model, task, site, True).float(), atol=TOL, rtol=0)
+    baseline = torch.tensor(ours.corrupted_metric, dtype=ours.raw.dtype)
+    assert (ours.raw[..., :4] == baseline).all()
+    assert all(p >= 4 for _, p in run_positions)
+    if site == "resid_pre":  # layer 0 reads the embeddings: only position 4 differs there
+        assert [p for layer, p in run_positions if layer == 0] == [4]
+        assert (ours.raw[0, 5:] == baseline).all()

@@ -19,7 +19,7 @@ and the last layer computes queries, attention output and MLP at the read positi
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -280,6 +280,17 @@ def run(w: Weights, tokens: Int[Tensor, "batch pos"]) -> Run:
             acts[name].append(t)
         x = mid + mlp_out if w.has_mlp else mid
     return Run(**acts, final=x)
+
+
+def run_pair(w: Weights, a: Int[Tensor, "batch pos"], b: Int[Tensor, "batch pos"]) -> tuple[Run, Run]:
+    """`run` of two inputs of one shape as one forward of the stacked batch (fewer, larger operations), split
+    back into two Runs (views). Example: `clean, corrupted = run_pair(w, task.clean, task.corrupted)`"""
+    both = run(w, torch.cat([a, b]))
+    n = a.shape[0]
+    halves = {f.name: [(t[:n], t[n:]) for t in getattr(both, f.name)] for f in fields(Run) if f.name != "final"}
+    first = Run(**{k: [x for x, _ in v] for k, v in halves.items()}, final=both.final[:n])
+    second = Run(**{k: [y for _, y in v] for k, v in halves.items()}, final=both.final[n:])
+    return first, second
 
 
 def unembed(w: Weights, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab_out"]:

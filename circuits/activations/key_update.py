@@ -7,9 +7,10 @@ run's log-sum-exp ℓ_i of the query's scores and the sums that leave key p out,
     R[i, p] = Σ_{j ≤ i, j ≠ p} a_ij v_j        D[i, p] = Σ_{j ≤ i, j ≠ p} a_ij        (a: the base pattern)
 
 the new output is z'_i = (R e^{ℓ_i − c} + v'_p e^{s'_ip − c}) / (D e^{ℓ_i − c} + e^{s'_ip − c}) with
-c = max(ℓ_i, s'_ip): O(d_head) per query and component instead of O(pos · d_head). R and D are computed
-once per layer, as sums of the other keys' terms; nothing is subtracted, so the update keeps full precision
-even when a head attends almost only to p (where z_i − a_ip v_p would cancel). The query at p
+c = max(ℓ_i, s'_ip): O(d_head) per query and component instead of O(pos · d_head). R and D are sums of the
+other keys' terms (the terms a_ij v_j are computed once per layer, the sums for the key positions a chunk of
+components changes); nothing is subtracted, so the update keeps full precision even when a head attends
+almost only to p (where z_i − a_ip v_p would cancel). The query at p
 itself changes too; `query_row` recomputes that one row.
 """
 
@@ -32,8 +33,8 @@ class LeaveOneOut:
     q: Float[Tensor, "batch nq head d_head"]
     z: Float[Tensor, "batch nq head d_head"]
     lse: Float[Tensor, "batch nq head"]
-    rest_z: Float[Tensor, "key batch nq head d_head"]
-    rest_a: Float[Tensor, "key batch nq head"]
+    terms_z: Float[Tensor, "key batch nq head d_head"]  # a_ij v_j
+    terms_a: Float[Tensor, "key batch nq head"]  # a_ij
     scale: float
 
     @classmethod
@@ -48,10 +49,17 @@ class LeaveOneOut:
         a_key_first = a.permute(3, 0, 2, 1)  # key batch nq head
         terms = a_key_first.new_empty(*a_key_first.shape, v.shape[-1])
         torch.mul(a_key_first[..., None], v.transpose(0, 1)[:, :, None], out=terms)  # a_ij v_j
-        return cls(
-            q_pos=q_pos, q=q_at, z=z[:, q_pos], lse=lse.transpose(1, 2),
-            rest_z=_leave_out_sums(terms), rest_a=_leave_out_sums(a_key_first.contiguous()), scale=scale,
-        )
+        return cls(q_pos=q_pos, q=q_at, z=z[:, q_pos], lse=lse.transpose(1, 2), terms_z=terms,
+                   terms_a=a_key_first.contiguous(), scale=scale)
+
+    def rest(self, p: Int[Tensor, " k"]
+             ) -> tuple[Float[Tensor, "k batch nq head d_head"], Float[Tensor, "k batch nq head"]]:
+        """R[i, p[k]] and D[i, p[k]] for every query i (each position's sums computed once)."""
+        keys, which = torch.unique(p, return_inverse=True)
+        rest_z, rest_a = (_leave_out_sums(t, keys) for t in (self.terms_z, self.terms_a))
+        if len(keys) == len(p) and bool((keys == p).all()):
+            return rest_z, rest_a
+        return rest_z[which], rest_a[which]
 
     def replace_key(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"],
                     v_new: Float[Tensor, "k batch head d_head"], first: int = 0
@@ -62,19 +70,21 @@ class LeaveOneOut:
         lse = self.lse[:, first:, :, None]
         c = torch.maximum(lse, s_new)
         old, new = (lse - c).exp(), (s_new - c).exp()
-        den = self.rest_a[p, :, first:, :, None] * old + new
+        rest_z, rest_a = self.rest(p)
+        den = rest_a[:, :, first:, :, None] * old + new
         sees = (self.q_pos[None, first:] >= p[:, None])[:, None, :, None, None]  # unseen: rest_z is the base z
-        z = self.rest_z[p, :, first:]
+        z = rest_z[:, :, first:]
         z.mul_(torch.where(sees, old / den, 1.0))
         return z.addcmul_(v_new[:, :, None], torch.where(sees, new / den, 0.0))
 
 
-def _leave_out_sums(terms: Float[Tensor, "key ..."]) -> Float[Tensor, "key ..."]:
-    """out[p] = Σ_{j ≠ p} terms[j], as one matrix product with the all-ones-but-the-diagonal matrix: each entry
-    is a plain sum of the other terms (nothing is subtracted)."""
+def _leave_out_sums(terms: Float[Tensor, "key ..."], keys: Int[Tensor, " n"]) -> Float[Tensor, "n ..."]:
+    """out[i] = Σ_{j ≠ keys[i]} terms[j], as one matrix product with rows of the all-ones-but-the-diagonal
+    matrix: each entry is a plain sum of the other terms (nothing is subtracted)."""
     P = terms.shape[0]
-    others = 1.0 - torch.eye(P, dtype=terms.dtype, device=terms.device)
-    return (others @ terms.reshape(P, -1)).view(terms.shape)
+    others = torch.ones(len(keys), P, dtype=terms.dtype, device=terms.device)
+    others[torch.arange(len(keys), device=keys.device), keys] = 0.0
+    return (others @ terms.reshape(P, -1)).view(len(keys), *terms.shape[1:])
 
 
 def query_row(p: Int[Tensor, " k"], q_new: Float[Tensor, "k batch head d_head"],

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
@@ -62,7 +62,9 @@ def activation_patch(
     the work in cache), resuming from the cached residual stream at that layer. The `weights` backend
     (native and GPT-2 bridges; `auto` picks it when it can) computes the forward from the model's weights,
     recomputes only positions at or after the patch, updates attention for a single changed position from
-    per-layer leave-one-key-out sums (see `key_update`) and reads only the logits the metric reads; `hooks`
+    per-layer leave-one-key-out sums (see `key_update`), reads only the logits the metric reads, and runs
+    nothing for a component whose patch writes the base run's own value (bitwise: e.g. every position
+    before the first token where clean and corrupted differ); `hooks`
     runs the bridge itself with one temporary hook per stacked forward. `metric` (logits [batch, pos, vocab]
     → scalar) replaces the task's.
 
@@ -129,18 +131,23 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
     P = task.seq_len
     keep = P if custom is not None else int(task.positions.max()) + 1  # later positions cannot reach the metric
     with torch.no_grad():
-        clean = engine.run(w, task.clean[:, :keep].to(device))
-        corrupted = engine.run(w, task.corrupted[:, :keep].to(device))
+        clean, corrupted = engine.run_pair(w, task.clean[:, :keep].to(device), task.corrupted[:, :keep].to(device))
         reader = Reader.for_task(w, task, clean.final, custom)
         clean_m = float(reader.score(clean.final[:, reader.read_pos]))
         corrupted_m = float(reader.score(corrupted.final[:, reader.read_pos]))
         base, src = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
         resume = engine.Resume(w, base, reader.read_pos, loo_mb=memory_mb / 2)
-        live = [_truncate(c, keep) for c in comps]
+        base_m = corrupted_m if direction == "denoising" else clean_m
+        live = []
         for c in comps:  # per-position components past `keep` leave the metric exactly unchanged
             for idx, p in zip(c.index, c.pos.tolist() if c.pos is not None else []):
                 if p >= keep:
-                    out[idx] = corrupted_m if direction == "denoising" else clean_m
+                    out[idx] = base_m
+            c = _truncate(c, keep)
+            same = _writes_base_value(site, c, base, src)  # so do patches that write the base run's own value
+            for idx in [i for i, unchanged in zip(c.index, same.tolist()) if unchanged]:
+                out[idx] = base_m
+            live.append(_select(c, ~same))
         d_mlp = w.W_in.shape[-1] if w.has_mlp else 0
         per_comp = 4 * task.batch * keep * (12 * w.W_E.shape[1] + 3 * w.n_heads * keep + 2 * d_mlp)
         limit = _chunk_size(batch_limit, memory_mb, per_comp)
@@ -156,6 +163,32 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
             for idx, s in zip(c.index, scores):
                 out[idx] = s
     return out, clean_m, corrupted_m
+
+
+def _writes_base_value(site: Site, c: Components, base: engine.Run, src: engine.Run) -> Bool[Tensor, " k"]:
+    """Which components' patch replaces the base run's activation by an equal one (bitwise, over the batch and
+    every patched position): their patched run is the base run itself, so their metric is the baseline. This
+    holds wherever clean and corrupted agree, e.g. at positions before the first differing token (attention
+    is causal) and, in the embeddings' block, at every position whose tokens agree."""
+    new, old = src.site(site.value)[c.layer], base.site(site.value)[c.layer]
+    if site is Site.PATTERN:  # [batch, head, dest, src] -> [batch, dest, head, src]: positions first
+        new, old = new.transpose(1, 2), old.transpose(1, 2)
+    same = (new == old).flatten(3 if site.per_head else 2).all(-1).all(0)  # [pos, head] or [pos]
+    if not site.per_head:
+        same = same[:, None]
+    mask = c.pos_mask.to(same.device)
+    heads = torch.zeros(len(c), dtype=torch.long) if c.heads is None else c.heads
+    heads = heads.to(same.device)
+    if c.pos is not None:
+        return same[c.pos.to(same.device), heads].cpu()
+    return same[mask].all(0)[heads].cpu()
+
+
+def _select(c: Components, keep: Bool[Tensor, " k"]) -> Components:
+    """The components where `keep` is True."""
+    idx = [i for i, ok in zip(c.index, keep.tolist()) if ok]
+    return Components(c.layer, None if c.heads is None else c.heads[keep], None if c.pos is None else c.pos[keep],
+                      c.pos_mask, idx)
 
 
 def _truncate(c: Components, keep: int) -> Components:

@@ -47,6 +47,7 @@ from circuits.graph.incremental import (
     commit_column,
     commit_evaluated,
     evaluate_columns,
+    seed_terms,
 )
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph
@@ -230,12 +231,10 @@ class _Walk:
         remaining = self.incoming(d)
         if self.threshold <= 0:
             return remaining
-        at = self.patcher.at_metric_positions(d)
-        current = self.state.sources_at if at else self.state.sources
-        ablated = self.patcher.ablated_at if at else self.patcher.ablated
+        inert = seed_terms(self.patcher, self.state, d).inert  # source − ablated exactly 0 where d reads it
         others = []
         for s in remaining:
-            if torch.equal(current[s], ablated[s]):
+            if inert[s]:
                 self.scores[s, d] = 0.0
                 column[s] = False
                 decided[s] = True

@@ -40,7 +40,7 @@ class CircuitState:
     sources_at: Float[Tensor, "n_src batch n d_model"]
     inputs_at: Float[Tensor, "n_dst batch n d_model"]
     projected: dict[int, Tensor] = field(default_factory=dict)
-    seed_terms: dict[tuple[int, bool], tuple[Tensor, Tensor, torch.Size]] = field(default_factory=dict)
+    seed_terms: dict[tuple[int, bool], SeedTerms] = field(default_factory=dict)
 
     @functools.cached_property
     def kept(self) -> list[list[bool]]:
@@ -137,6 +137,38 @@ def commit_column(
 ) -> CircuitState:
     """The state of the circuit `state.mask` with column d set to `column`, updated incrementally."""
     return commit_evaluated(patcher, state, evaluate_columns(patcher, state, d, column[None]), 0)
+
+
+@dataclass(frozen=True, eq=False)
+class SeedTerms:
+    """The fixed part of the inputs of a stage's destinations (read at every position, or at the metric
+    positions only) in a circuit state: `base` = bias + Σ ablated sources, `difference[s]` = source s −
+    its ablated value (flattened), `inert[s]`: that difference is exactly zero (removing an edge from s
+    changes nothing)."""
+
+    base: Float[Tensor, "1 flat"]
+    difference: Float[Tensor, "n_below flat"]
+    shape: torch.Size
+    inert: list[bool]
+
+
+def seed_terms(patcher: EdgePatcher, state: CircuitState, d: int) -> SeedTerms:
+    """The seed terms of destination d's stage in `state`, computed once and kept on the state while the
+    sources below the stage are unchanged (one stage's at a time: ACDC walks a layer's destinations in turn).
+    Example: `seed_terms(p, state, d).inert` (which incoming edges of d carry nothing)"""
+    i, at = patcher.stage_of(d), patcher.at_metric_positions(d)
+    terms = state.seed_terms.get((i, at))
+    if terms is None:
+        nb = patcher.stages[i].n_below
+        sources = (state.sources_at if at else state.sources)[:nb]
+        ablated = (patcher.ablated_at if at else patcher.ablated)[:nb]
+        base = ablated.sum(0) + patcher.biases[i]
+        difference = (sources - ablated).flatten(1)
+        inert = (difference == 0).all(-1).tolist()
+        terms = SeedTerms(base.flatten()[None], difference, base.shape, inert)
+        state.seed_terms.clear()
+        state.seed_terms[(i, at)] = terms
+    return terms
 
 
 def _stack_heads(xs: list[Tensor]) -> Tensor:
@@ -244,21 +276,9 @@ class _Propagation:
 
     def seed(self, i: int, at: bool) -> Tensor:
         """The candidates' input of d: (bias + Σ ablated sources) + Σ kept (source − ablated), one product with
-        the candidates' columns (`_seed_terms`, kept on the state while d's sources are unchanged). Every term
-        is a source-sized vector, so a destination that keeps few edges is not a small difference of large
-        sums (as `input − Σ removed (source − ablated)` would be)."""
-        base, difference, shape = self._seed_terms(i, at)
-        kept = self.columns[:, : difference.shape[0]].to(difference.dtype)
-        return torch.addmm(base, kept, difference).unflatten(1, shape)
-
-    def _seed_terms(self, i: int, at: bool) -> tuple[Tensor, Tensor, torch.Size]:
-        terms = self.state.seed_terms.get((i, at))
-        if terms is None:
-            nb = self.p.stages[i].n_below
-            sources = (self.state.sources_at if at else self.state.sources)[:nb]
-            ablated = (self.p.ablated_at if at else self.p.ablated)[:nb]
-            base = ablated.sum(0) + self.p.biases[i]
-            terms = (base.flatten()[None], (sources - ablated).flatten(1), base.shape)
-            self.state.seed_terms.clear()  # one stage's at a time (ACDC walks a layer's destinations in turn)
-            self.state.seed_terms[(i, at)] = terms
-        return terms
+        the candidates' columns (`seed_terms`). Every term is a source-sized vector, so a destination that
+        keeps few edges is not a small difference of large sums (as `input − Σ removed (source − ablated)`
+        would be)."""
+        terms = seed_terms(self.p, self.state, self.d)
+        kept = self.columns[:, : terms.difference.shape[0]].to(terms.difference.dtype)
+        return torch.addmm(terms.base, kept, terms.difference).unflatten(1, terms.shape)

@@ -94,6 +94,7 @@ class EdgePatcher:
         self.stages = _stages(self.graph)
         self.biases = self._stage_biases()
         self._at_metric = [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)]
+        self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor] = {}
         n_pos = task.seq_len
         self._causal_bias = {
@@ -115,7 +116,7 @@ class EdgePatcher:
 
     def stage_of(self, d: int) -> int:
         """The index of the stage that reads destination d."""
-        return next(i for i, s in enumerate(self.stages) if s.dst.start <= d < s.dst.stop)
+        return self._stage_of[d]
 
     def at_metric_positions(self, d: int) -> bool:
         """True for destinations read only at the metric positions: the logits, and the queries and MLP input

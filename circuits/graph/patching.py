@@ -18,6 +18,7 @@ exact ACDC is in `circuits.graph.incremental`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -102,17 +103,30 @@ class EdgePatcher:
             True: causal_bias(self.positions, n_pos, self.weights.W_E.dtype),
         }
         with torch.no_grad():
-            clean = self.forward(self.embed(task.clean), None, keep=True)
-            self.clean_sources = clean.sources[0]
-            self.clean_inputs = clean.inputs[0]
-            self.clean_logits = clean.logits[0]
-            self.clean_logits_full = unembed(self.weights, self.clean_inputs[-1])
-            self.ablated = self._ablated_sources(task).expand_as(self.clean_sources).contiguous()
+            resample = self.ablation is Ablation.RESAMPLE
+            emb = self.embed(task.clean)
+            # the corrupted run (resample ablation's values) as a second row of the same forward
+            runs = self.forward(torch.cat([emb, self.embed(task.corrupted)]) if resample else emb, None, keep=True)
+            self.clean_sources = runs.sources[0]
+            self._clean_stage_inputs = tuple(x[:1] for x in runs.stage_inputs)
+            self.clean_logits = runs.logits[0]
+            self.clean_logits_full = unembed(self.weights, runs.stage_inputs[-1][0, 0])
+            ablated = runs.sources[1] if resample else self._mean_or_zero_sources()
+            self.ablated = ablated.expand_as(self.clean_sources).contiguous()
             self.ablated_at = self.ablated[..., self.positions, :]
 
     @property
     def n_layers(self) -> int:
         return self.graph.n_layers
+
+    @functools.cached_property
+    def clean_inputs(self) -> Float[Tensor, "n_dst batch pos d_model"]:
+        """Every destination's input in the clean run (each stage's residual stream, repeated)."""
+        return self.clean_inputs_copy()
+
+    def clean_inputs_copy(self) -> Float[Tensor, "n_dst batch pos d_model"]:
+        """A fresh tensor of `clean_inputs` (for a state that will be updated in place)."""
+        return torch.cat(self._clean_stage_inputs, dim=1)[0]
 
     def stage_of(self, d: int) -> int:
         """The index of the stage that reads destination d."""
@@ -143,13 +157,11 @@ class EdgePatcher:
         """The embedding sources of some tokens, with a leading mask axis of 1."""
         return embed(self.weights, tokens)[None]
 
-    def _ablated_sources(self, task: Task) -> Float[Tensor, "n_src _b pos d_model"]:
-        """The value each source carries when its edge is removed (broadcast over the batch by the caller)."""
+    def _mean_or_zero_sources(self) -> Float[Tensor, "n_src 1 pos d_model"]:
+        """What a removed edge carries under zero or mean ablation (broadcast over the batch by the caller)."""
         if self.ablation is Ablation.ZERO:
             return torch.zeros_like(self.clean_sources[:, :1])
-        if self.ablation is Ablation.MEAN:
-            return self.clean_sources.mean(dim=1, keepdim=True)
-        return self.forward(self.embed(task.corrupted), None, keep=True).sources[0]
+        return self.clean_sources.mean(dim=1, keepdim=True)
 
     def _stage_biases(self) -> list[Tensor]:
         """The constant part of each stage's input: b_O (and b_out) of every layer below it."""
@@ -253,7 +265,7 @@ class EdgePatcher:
 
     def chunk_size(self) -> int:
         """How many masks one batched forward takes."""
-        per_mask = self.clean_sources.numel() * 3 + self.clean_inputs.numel()
+        per_mask = self.clean_sources[0].numel() * (3 * self.graph.n_sources + self.graph.n_destinations)
         return max(1, MAX_CHUNK_FLOATS // max(per_mask, 1))
 
     def _check_masks(self, masks: Tensor) -> Tensor:

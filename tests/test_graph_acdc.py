@@ -152,6 +152,8 @@ def test_result_contents(tiny2, task24):
     kept = r.circuit.members
     assert (r.values[kept & ~r.values.isnan()] >= 0.02).all()  # kept edges raised the loss by >= threshold
     assert all(not math.isnan(v) for _, v in r.top(3))
+    # the walk runs in inference mode; what it returns are ordinary tensors (editable, usable with autograd)
+    assert not r.values.is_inference() and not r.circuit.members.is_inference()
 
 
 def test_bad_input(tiny2, task24, capsys):

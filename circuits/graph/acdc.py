@@ -97,14 +97,17 @@ def acdc(
     patcher = EdgePatcher(model, task, ablation)
     gm = resolve_metric(task, metric, patcher.clean_logits_full)
     walk = _Walk(patcher, gm, float(threshold), order)
-    for d in tqdm(walk.destination_order(), desc=f"ACDC ({mode})", disable=not progress):
-        if walk.skip_unused(d):
-            continue
-        if mode == "exact":
-            walk.exact_destination(d)
-        else:
-            walk.batched_destination(d)
-    members = prune_dead_ends(walk.state.mask, patcher.graph)
+    # the walk runs in inference mode (less bookkeeping per operation on these small tensors); what it
+    # returns is copied out of it, so the result holds ordinary tensors
+    with torch.inference_mode():
+        for d in tqdm(walk.destination_order(), desc=f"ACDC ({mode})", disable=not progress):
+            if walk.skip_unused(d):
+                continue
+            if mode == "exact":
+                walk.exact_destination(d)
+            else:
+                walk.batched_destination(d)
+    members = prune_dead_ends(walk.state.mask.clone(), patcher.graph)
     attrs = dict(model=patcher.weights.description, method="acdc", metric=gm.name, ablation=patcher.ablation.value,
                  threshold=float(threshold), mode=mode)
     circuit = Circuit(patcher.graph, walk.scores, members.cpu(), attrs)

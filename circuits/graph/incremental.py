@@ -192,6 +192,7 @@ class _Propagation:
         self.outputs: dict[int, tuple[Tensor, bool]] = {}  # source -> (new output [k, batch, P, d], restricted)
         self.new_inputs: dict[int, Tensor] = {}  # destination -> its new input [k, batch, P, d]
         self.new_projected: dict[int, Tensor] = {}  # head input -> its new query, key or value [k, batch, P, e]
+        self._changes: dict[tuple[int, bool], Tensor] = {}  # (source, at metric positions) -> new − current output
 
     def run(self) -> Tensor:
         p, w = self.p, self.p.weights
@@ -262,17 +263,22 @@ class _Propagation:
             fed = [s for s in self.outputs if kept[s][dst]]
             if not fed:
                 return None
-            base = self.current_input(dst)
+            x = self.current_input(dst)
             for s in fed:
-                base = base - self.current_output(s, at)
-            x = base
-            for s in fed:
-                value, restricted = self.outputs[s]
-                if restricted and not at:
-                    raise AssertionError("a last-layer source feeds a destination read at every position")
-                x = x + (value[..., self.p.positions, :] if at and not restricted else value)
+                x = x + self.change(s, at)
         self.new_inputs[dst] = x
         return x
+
+    def change(self, s: int, at: bool) -> Tensor:
+        """Source s's new output minus its current one [k, batch, P, d] (computed once for all its readers)."""
+        key = (s, at)
+        if key not in self._changes:
+            value, restricted = self.outputs[s]
+            if restricted and not at:
+                raise AssertionError("a last-layer source feeds a destination read at every position")
+            new = value[..., self.p.positions, :] if at and not restricted else value
+            self._changes[key] = new - self.current_output(s, at)
+        return self._changes[key]
 
     def seed(self, i: int, at: bool) -> Tensor:
         """The candidates' input of d: (bias + Σ ablated sources) + Σ kept (source − ablated), one product with

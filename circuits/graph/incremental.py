@@ -172,7 +172,10 @@ def seed_terms(patcher: EdgePatcher, state: CircuitState, d: int) -> SeedTerms:
 
 
 def _stack_heads(xs: list[Tensor]) -> Tensor:
-    """Stack per-head queries, keys or values [k_i, batch, pos, d_head] on a head axis (broadcasting k)."""
+    """Stack per-head queries, keys or values [k_i, batch, pos, d_head] on a head axis (broadcasting k; one
+    head's is a view: the products that read it broadcast its k)."""
+    if len(xs) == 1:
+        return xs[0][:, None]
     k = max(x.shape[0] for x in xs)
     return torch.stack([x.expand(k, *x.shape[1:]) for x in xs], dim=1)
 

@@ -206,3 +206,19 @@ def test_bad_input(tiny2, task24):
     long = induction_task(2, 12, 24)
     with pytest.raises(ValueError, match="n_ctx"):
         EdgePatcher(tiny2, long)
+
+
+@pytest.mark.parametrize("metric", ["kl", "logit_diff", "logprob"])
+def test_graph_metrics_equal_the_task_metric(tiny2, task24, metric):
+    """The graph methods' metric (KL with the clean side precomputed) equals `Task.score_positions`."""
+    from circuits.graph.metric import resolve_metric
+
+    p = EdgePatcher(tiny2, task24)
+    gm = resolve_metric(task24, metric, p.clean_logits_full)
+    gen = torch.Generator().manual_seed(3)
+    logits = p.clean_logits[None] + torch.randn(4, *p.clean_logits.shape, generator=gen) * torch.tensor(
+        [0.0, 0.01, 0.3, 3.0])[:, None, None, None]
+    expected = task24.with_metric(metric).score_positions(logits, p.clean_logits_full)
+    torch.testing.assert_close(gm(logits), expected, atol=1e-6, rtol=1e-5)
+    if metric == "kl":
+        assert gm(logits)[0] == 0.0  # the clean run against itself

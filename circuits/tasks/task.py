@@ -136,13 +136,15 @@ def metric_terms(
     return kl_terms(logits_at, clean_at)
 
 
-def kl_terms(logits_at: Float[Tensor, "*lead vocab"], clean_at: Float[Tensor, "..."]) -> Float[Tensor, "*lead"]:
+def kl_terms(logits_at: Float[Tensor, "*lead vocab"], clean_at: Float[Tensor, "..."],
+             clean_probs: Float[Tensor, "..."] | None = None) -> Float[Tensor, "*lead"]:
     """KL(clean ‖ patched) over the last axis, from the logit change d = patched − clean. With p = softmax(clean)
     and d centred so that Σ_v p_v d_v = 0 (logits are shift-invariant): Σ_v p_v (log p_v − log q_v) =
     log Σ_v p_v e^{d_v} = log1p(Σ_v p_v expm1(d_v)), one term of the size of d² with an error of ~eps·|d|
     (a difference of float32 log-softmaxes has ~eps·|log p|: all digits of a KL of 1e-9 are rounding).
+    `clean_probs` = softmax(clean_at), for a caller that scores many runs against one clean run.
     Example: `kl_terms(logits_at, clean_at)` ([batch, n] for [batch, n, vocab] inputs)"""
-    p = clean_at.softmax(-1)
+    p = clean_at.softmax(-1) if clean_probs is None else clean_probs
     d = logits_at - clean_at
     d = d - (d * p).sum(-1, keepdim=True)
     m = d.amax(-1, keepdim=True)

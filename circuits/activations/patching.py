@@ -147,7 +147,7 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
             same = _writes_base_value(site, c, base, src)  # so do patches that write the base run's own value
             for idx in [i for i, unchanged in zip(c.index, same.tolist()) if unchanged]:
                 out[idx] = base_m
-            live.append(_select(c, ~same))
+            live.append(_position_major(_select(c, ~same)))
         d_mlp = w.W_in.shape[-1] if w.has_mlp else 0
         per_comp = 4 * task.batch * keep * (12 * w.W_E.shape[1] + 3 * w.n_heads * keep + 2 * d_mlp)
         limit = _chunk_size(batch_limit, memory_mb, per_comp)
@@ -182,6 +182,15 @@ def _writes_base_value(site: Site, c: Components, base: engine.Run, src: engine.
     if c.pos is not None:
         return same[c.pos.to(same.device), heads].cpu()
     return same[mask].all(0)[heads].cpu()
+
+
+def _position_major(c: Components) -> Components:
+    """Per-position components ordered by position (heads of one position together), so that a chunk spans few
+    positions: its suffix starts late, and each position's leave-one-key-out sums serve every head there."""
+    if c.pos is None or c.heads is None:
+        return c
+    order = torch.argsort(c.pos, stable=True)
+    return Components(c.layer, c.heads[order], c.pos[order], c.pos_mask, [c.index[i] for i in order.tolist()])
 
 
 def _select(c: Components, keep: Bool[Tensor, " k"]) -> Components:

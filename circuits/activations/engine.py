@@ -322,12 +322,14 @@ class Resume:
     `read_pos` (the positions the metric reads), which `readout` turns into one metric per component.
 
     A change at one position per component uses the leave-one-key-out update of `key_update` in the layer it
-    enters, when that layer's left-out sums fit in `loo_mb` MiB (computed once per layer and kept)."""
+    enters, when that layer's left-out sums fit in `loo_mb` MiB (computed once per layer and kept, for the key
+    positions `loo_keys[layer]` when given: the positions the components will change there)."""
 
     w: Weights
     base: Run
     read_pos: Int[Tensor, " n"]
     loo_mb: float = 256.0
+    loo_keys: dict[int, Tensor] = field(default_factory=dict)
     _loo: dict[int, LeaveOneOut | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -349,7 +351,7 @@ class Resume:
             base = self.base
             self._loo[layer] = None if mb > self.loo_mb else LeaveOneOut.of(
                 base.q[layer], base.k[layer], base.v[layer], base.z[layer], base.pattern[layer], q_pos,
-                self.w.attn_scale)
+                self.w.attn_scale, self.loo_keys.get(layer))
         return self._loo[layer]
 
     def from_resid(self, layer: int, x: Float[Tensor, "k batch suffix d_model"], start: int = 0

@@ -8,9 +8,9 @@ run's log-sum-exp ℓ_i of the query's scores and the sums that leave key p out,
 
 the new output is z'_i = (R e^{ℓ_i − c} + v'_p e^{s'_ip − c}) / (D e^{ℓ_i − c} + e^{s'_ip − c}) with
 c = max(ℓ_i, s'_ip): O(d_head) per query and component instead of O(pos · d_head). R and D are sums of the
-other keys' terms (the terms a_ij v_j are computed once per layer, the sums for the key positions a chunk of
-components changes); nothing is subtracted, so the update keeps full precision even when a head attends
-almost only to p (where z_i − a_ip v_p would cancel). The query at p
+other keys' terms, computed once per layer for the key positions that will be changed; nothing is
+subtracted, so the update keeps full precision even when a head attends almost only to p (where
+z_i − a_ip v_p would cancel). The query at p
 itself changes too; `query_row` recomputes that one row.
 """
 
@@ -33,15 +33,18 @@ class LeaveOneOut:
     q: Float[Tensor, "batch nq head d_head"]
     z: Float[Tensor, "batch nq head d_head"]
     lse: Float[Tensor, "batch nq head"]
-    terms_z: Float[Tensor, "key batch nq head d_head"]  # a_ij v_j
-    terms_a: Float[Tensor, "key batch nq head"]  # a_ij
+    rest_z: Float[Tensor, "n_keys batch nq head d_head"]  # R[i, keys[n]]
+    rest_a: Float[Tensor, "n_keys batch nq head"]  # D[i, keys[n]]
+    slot: Int[Tensor, " pos"]  # the row of rest_z / rest_a holding key position p (−1: not computed)
     scale: float
 
     @classmethod
     def of(cls, q: Float[Tensor, "batch pos head d_head"], k: Float[Tensor, "batch pos head d_head"],
            v: Float[Tensor, "batch pos head d_head"], z: Float[Tensor, "batch pos head d_head"],
-           pattern: Float[Tensor, "batch head pos pos"], q_pos: Int[Tensor, " nq"], scale: float) -> LeaveOneOut:
-        """From a layer's cached q, k, v, z and pattern (TransformerLens layouts)."""
+           pattern: Float[Tensor, "batch head pos pos"], q_pos: Int[Tensor, " nq"], scale: float,
+           keys: Int[Tensor, " n"] | None = None) -> LeaveOneOut:
+        """From a layer's cached q, k, v, z and pattern (TransformerLens layouts), for the key positions `keys`
+        (default: every position)."""
         q_at, a = q[:, q_pos], pattern[:, :, q_pos]  # a: batch head nq key
         scores = torch.einsum("bihd,bjhd->bhij", q_at, k) / scale
         hidden = torch.arange(k.shape[1], device=k.device)[None, :] > q_pos[:, None]
@@ -49,17 +52,21 @@ class LeaveOneOut:
         a_key_first = a.permute(3, 0, 2, 1)  # key batch nq head
         terms = a_key_first.new_empty(*a_key_first.shape, v.shape[-1])
         torch.mul(a_key_first[..., None], v.transpose(0, 1)[:, :, None], out=terms)  # a_ij v_j
-        return cls(q_pos=q_pos, q=q_at, z=z[:, q_pos], lse=lse.transpose(1, 2), terms_z=terms,
-                   terms_a=a_key_first.contiguous(), scale=scale)
+        P = k.shape[1]
+        keys = torch.arange(P, device=k.device) if keys is None else torch.unique(keys.to(k.device))
+        slot = torch.full((P,), -1, dtype=torch.long, device=k.device)
+        slot[keys] = torch.arange(len(keys), device=k.device)
+        return cls(q_pos=q_pos, q=q_at, z=z[:, q_pos], lse=lse.transpose(1, 2),
+                   rest_z=_leave_out_sums(terms, keys), rest_a=_leave_out_sums(a_key_first.contiguous(), keys),
+                   slot=slot, scale=scale)
 
     def rest(self, p: Int[Tensor, " k"]
              ) -> tuple[Float[Tensor, "k batch nq head d_head"], Float[Tensor, "k batch nq head"]]:
-        """R[i, p[k]] and D[i, p[k]] for every query i (each position's sums computed once)."""
-        keys, which = torch.unique(p, return_inverse=True)
-        rest_z, rest_a = (_leave_out_sums(t, keys) for t in (self.terms_z, self.terms_a))
-        if len(keys) == len(p) and bool((keys == p).all()):
-            return rest_z, rest_a
-        return rest_z[which], rest_a[which]
+        """R[i, p[k]] and D[i, p[k]] for every query i."""
+        rows = self.slot[p]
+        if bool((rows < 0).any()):
+            raise ValueError(f"p: key positions {p[rows < 0].tolist()} were not among the keys this was built for")
+        return self.rest_z[rows], self.rest_a[rows]
 
     def replace_key(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"],
                     v_new: Float[Tensor, "k batch head d_head"], first: int = 0

@@ -136,7 +136,6 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
         clean_m = float(reader.score(clean.final[:, reader.read_pos]))
         corrupted_m = float(reader.score(corrupted.final[:, reader.read_pos]))
         base, src = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
-        resume = engine.Resume(w, base, reader.read_pos, loo_mb=memory_mb / 2)
         base_m = corrupted_m if direction == "denoising" else clean_m
         live = []
         for c in comps:  # per-position components past `keep` leave the metric exactly unchanged
@@ -148,6 +147,8 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
             for idx in [i for i, unchanged in zip(c.index, same.tolist()) if unchanged]:
                 out[idx] = base_m
             live.append(_position_major(_select(c, ~same)))
+        resume = engine.Resume(w, base, reader.read_pos, loo_mb=memory_mb / 2,
+                               loo_keys=_changed_key_positions(site, live, w.n_layers))
         d_mlp = w.W_in.shape[-1] if w.has_mlp else 0
         per_comp = 4 * task.batch * keep * (12 * w.W_E.shape[1] + 3 * w.n_heads * keep + 2 * d_mlp)
         limit = _chunk_size(batch_limit, memory_mb, per_comp)
@@ -182,6 +183,19 @@ def _writes_base_value(site: Site, c: Components, base: engine.Run, src: engine.
     if c.pos is not None:
         return same[c.pos.to(same.device), heads].cpu()
     return same[mask].all(0)[heads].cpu()
+
+
+def _changed_key_positions(site: Site, comps: list[Components], n_layers: int) -> dict[int, Tensor]:
+    """Per layer, the positions whose key and value the per-position components change there: a single-row
+    change enters the patched layer for resid_pre, the next one for every other single-row site."""
+    if site not in _SINGLE_ROW_SITES:
+        return {}
+    out: dict[int, list[Tensor]] = {}
+    for c in comps:
+        entered = c.layer if site is Site.RESID_PRE else c.layer + 1
+        if c.pos is not None and len(c) and entered < n_layers:
+            out.setdefault(entered, []).append(c.pos)
+    return {layer: torch.cat(ps).unique() for layer, ps in out.items()}
 
 
 def _position_major(c: Components) -> Components:

@@ -60,3 +60,20 @@ def test_replace_key_from_a_later_query():
     full = loo.replace_key(p, k_new, v_new)
     assert torch.equal(loo.replace_key(p, k_new, v_new, 4), full[:, :, 4:])
     assert torch.allclose(full[:, :, :4], z.float()[None, :, :4].expand(2, -1, -1, -1, -1), atol=1e-6)
+
+
+def test_sums_for_some_keys_equal_sums_for_all():
+    """Built for the key positions that will change (as activation patching does), the update equals the one
+    built for every position; a position outside them is an error, not a silent wrong answer."""
+    import pytest
+
+    q, k, v, gen = _sharp_run(2, 3.0)
+    pos = torch.arange(q.shape[1])
+    z, a = _attention(q, k, v, pos, 1.5)
+    args = (q.float(), k.float(), v.float(), z.float(), a.float(), pos, 1.5)
+    p = torch.tensor([6, 2, 6])
+    k_new, v_new = (torch.randn(3, q.shape[0], q.shape[2], q.shape[3], generator=gen) for _ in range(2))
+    some = LeaveOneOut.of(*args, keys=torch.tensor([2, 6]))
+    assert torch.equal(some.replace_key(p, k_new, v_new), LeaveOneOut.of(*args).replace_key(p, k_new, v_new))
+    with pytest.raises(ValueError, match=r"key positions \[3\]"):
+        some.replace_key(torch.tensor([3]), k_new[:1], v_new[:1])

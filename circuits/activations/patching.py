@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -116,10 +117,16 @@ _CPU_CHUNK_BYTES = 2 * 2**20
 _SINGLE_ROW_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.Z, Site.Q, Site.PATTERN)
 
 
+def _entered_block(site: Site, layer: int) -> int:
+    """The first block whose input a patch of `site` at `layer` changes: that block for resid_pre, the next one
+    for every other site (its output feeds the residual stream after the block reads it)."""
+    return layer if site is Site.RESID_PRE else layer + 1
+
+
 def _cache_chunk(site: Site, c: Components, n_layers: int, batch: int, keep: int, n_read: int, d_model: int) -> int:
     """Components per chunk whose recomputed residual streams total about `_CPU_CHUNK_BYTES`: a per-position
     patch that first enters the last block recomputes only the read positions there, others every position."""
-    first = c.layer if site is Site.RESID_PRE else c.layer + 1
+    first = _entered_block(site, c.layer)
     single = c.pos is not None and site in _SINGLE_ROW_SITES
     rows = n_read if single and first >= n_layers - 1 else keep
     return max(1, _CPU_CHUNK_BYTES // (4 * batch * rows * d_model))
@@ -146,7 +153,7 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
             same = _writes_base_value(site, c, base, src)  # so do patches that write the base run's own value
             for idx in [i for i, unchanged in zip(c.index, same.tolist()) if unchanged]:
                 out[idx] = base_m
-            live.append(_position_major(_select(c, ~same)))
+            live.append(_position_major(c.take(torch.nonzero(~same).flatten())))
         resume = engine.Resume(w, base, reader.read_pos, loo_mb=memory_mb / 2,
                                loo_keys=_changed_key_positions(site, live, w.n_layers))
         d_mlp = w.W_in.shape[-1] if w.has_mlp else 0
@@ -177,12 +184,10 @@ def _writes_base_value(site: Site, c: Components, base: engine.Run, src: engine.
     same = (new == old).flatten(3 if site.per_head else 2).all(-1).all(0)  # [pos, head] or [pos]
     if not site.per_head:
         same = same[:, None]
-    mask = c.pos_mask.to(same.device)
-    heads = torch.zeros(len(c), dtype=torch.long) if c.heads is None else c.heads
-    heads = heads.to(same.device)
+    heads = (torch.zeros(len(c), dtype=torch.long) if c.heads is None else c.heads).to(same.device)
     if c.pos is not None:
         return same[c.pos.to(same.device), heads].cpu()
-    return same[mask].all(0)[heads].cpu()
+    return same[c.pos_mask.to(same.device)].all(0)[heads].cpu()
 
 
 def _changed_key_positions(site: Site, comps: list[Components], n_layers: int) -> dict[int, Tensor]:
@@ -192,7 +197,7 @@ def _changed_key_positions(site: Site, comps: list[Components], n_layers: int) -
         return {}
     out: dict[int, list[Tensor]] = {}
     for c in comps:
-        entered = c.layer if site is Site.RESID_PRE else c.layer + 1
+        entered = _entered_block(site, c.layer)
         if c.pos is not None and len(c) and entered < n_layers:
             out.setdefault(entered, []).append(c.pos)
     return {layer: torch.cat(ps).unique() for layer, ps in out.items()}
@@ -203,25 +208,13 @@ def _position_major(c: Components) -> Components:
     positions: its suffix starts late, and each position's leave-one-key-out sums serve every head there."""
     if c.pos is None or c.heads is None:
         return c
-    order = torch.argsort(c.pos, stable=True)
-    return Components(c.layer, c.heads[order], c.pos[order], c.pos_mask, [c.index[i] for i in order.tolist()])
-
-
-def _select(c: Components, keep: Bool[Tensor, " k"]) -> Components:
-    """The components where `keep` is True."""
-    idx = [i for i, ok in zip(c.index, keep.tolist()) if ok]
-    return Components(c.layer, None if c.heads is None else c.heads[keep], None if c.pos is None else c.pos[keep],
-                      c.pos_mask, idx)
+    return c.take(torch.argsort(c.pos, stable=True))
 
 
 def _truncate(c: Components, keep: int) -> Components:
     """The components touching positions < keep, with position masks cut to `keep`."""
-    mask = c.pos_mask[:keep]
-    if c.pos is None:
-        return Components(c.layer, c.heads, None, mask, c.index)
-    live = c.pos < keep
-    idx = [i for i, ok in zip(c.index, live.tolist()) if ok]
-    return Components(c.layer, None if c.heads is None else c.heads[live], c.pos[live], mask, idx)
+    cut = replace(c, pos_mask=c.pos_mask[:keep])
+    return cut if c.pos is None else cut.take(torch.nonzero(c.pos < keep).flatten())
 
 
 def _run_hooks(model, task, site, comps, direction, custom, batch_limit, memory_mb, progress, out):

@@ -80,6 +80,12 @@ class Components:
     def __len__(self) -> int:
         return len(self.index)
 
+    def take(self, order: Int[Tensor, " n"]) -> Components:
+        """The components at indices `order` (a subset or a reordering), each keeping its result index."""
+        return Components(self.layer, None if self.heads is None else self.heads[order],
+                          None if self.pos is None else self.pos[order], self.pos_mask,
+                          [self.index[i] for i in order.tolist()])
+
     def chunk(self, start: int, stop: int) -> Components:
         sl = slice(start, stop)
         return Components(self.layer, None if self.heads is None else self.heads[sl],

@@ -284,7 +284,7 @@ class _Walk:
 
 def clean_state(patcher: EdgePatcher) -> CircuitState:
     """The state of the full circuit: the patcher's clean run (copied, since ACDC updates its state in place)."""
-    sources, inputs = patcher.clean_sources.clone(), patcher.clean_inputs_copy()
+    sources, inputs = patcher.clean_sources.clone(), patcher.clean_inputs()
     pos = patcher.positions
     return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs, patcher.clean_logits,
                         sources[..., pos, :], inputs[..., pos, :])

@@ -35,7 +35,7 @@ from circuits.graph.forward import (
 )
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph, NodeKind
-from circuits.graph.patching import MAX_CHUNK_FLOATS, Ablation, _ablation, _stages
+from circuits.graph.patching import MAX_CHUNK_FLOATS, Ablation, _ablation, _stages, mean_or_zero_values
 from circuits.results import LabelledResult
 from circuits.tasks.task import Metric, Task
 
@@ -111,9 +111,7 @@ def _ablation_difference(w: NativeWeights, task: Task, ablation: Ablation, clean
             return clean.source_difference(
                 shared_forward(w, embed(w, task.corrupted)[None], positions, metric_queries_only=True))
     sources = clean.sources[0]
-    if ablation is Ablation.ZERO:
-        return -sources
-    return sources.mean(dim=1, keepdim=True) - sources
+    return mean_or_zero_values(ablation, sources) - sources
 
 
 @dataclass(frozen=True, eq=False)

@@ -73,6 +73,11 @@ class NativeWeights:
     def device(self) -> torch.device:
         return self.W_E.device
 
+    def qkv_weights(self, which: int) -> tuple[Float[Tensor, "layer head d_model d_head"],
+                                               Float[Tensor, "layer head d_head"]]:
+        """(W, b) of the queries (`which` 0), keys (1) or values (2)."""
+        return ((self.W_Q, self.b_Q), (self.W_K, self.b_K), (self.W_V, self.b_V))[which]
+
     def ln_at(self, name: str, layer: int) -> tuple[Tensor, Tensor] | None:
         """Weight and bias of one layer's `ln1` or `ln2` (None without LayerNorm)."""
         stacked = getattr(self, name)
@@ -204,14 +209,14 @@ def attend(
     layer); keys and values cover positions 0..pos-1. Leading dims broadcast (a `*k` of 1 shares an input).
     """
     q, k, v = (project(w, layer, heads, x, j) for j, x in enumerate((x_q, x_k, x_v)))
-    return attend_projected(w, layer, heads, q, k, v, q_pos)
+    return attend_projected(w, layer, heads, q, k, v, causal_bias(q_pos.to(q.device), k.shape[-2], q.dtype))
 
 
 def project(w: NativeWeights, layer: int, heads: Int[Tensor, " h"], x: Float[Tensor, "*k h batch pos d_model"],
             which: int) -> Float[Tensor, "*k h batch pos d_head"]:
     """Some heads' queries (`which` 0), keys (1) or values (2) from their inputs: LN(x) @ W + b, per head.
     Example: `project(w, 0, torch.arange(4), resid[:, None].expand(-1, 4, -1, -1, -1), 1)` (every head's keys)"""
-    W, b = ((w.W_Q, w.b_Q), (w.W_K, w.b_K), (w.W_V, w.b_V))[which]
+    W, b = w.qkv_weights(which)
     return _per_head(layer_norm(x, w.ln_at("ln1", layer), w.eps), W[layer, heads]) + b[layer, heads][:, None, None, :]
 
 
@@ -222,14 +227,12 @@ def attend_projected(
     q: Float[Tensor, "*kq h batch nq d_head"],
     k: Float[Tensor, "*kk h batch pos d_head"],
     v: Float[Tensor, "*kv h batch pos d_head"],
-    q_pos: Int[Tensor, " nq"] | Float[Tensor, "nq pos"],
+    bias: Float[Tensor, "nq pos"],
 ) -> Float[Tensor, "*k h batch nq d_model"]:
-    """`attend` from the heads' queries, keys and values (see `project`); `q_pos` may also be given as its
-    `causal_bias` (computed once by a caller that attends many times)."""
+    """`attend` from the heads' queries, keys and values (see `project`) and the queries' `causal_bias`."""
     scores = q @ k.transpose(-1, -2) / w.attn_scale
     # adding -inf above the diagonal equals the model's masked_fill(-inf), softmax, masked_fill(0): every
     # query sees key 0, so no row is fully masked
-    bias = q_pos if q_pos.is_floating_point() else causal_bias(q_pos.to(q.device), k.shape[-2], scores.dtype)
     pattern = (scores + bias).softmax(-1)
     return _per_head(pattern @ v, w.W_O[layer, heads])
 

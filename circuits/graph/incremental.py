@@ -246,7 +246,7 @@ class _Propagation:
 
     def _project(self, layer: int, h: int, which: int, x: Tensor) -> Tensor:
         w = self.p.weights
-        W, b = ((w.W_Q, w.b_Q), (w.W_K, w.b_K), (w.W_V, w.b_V))[which]
+        W, b = w.qkv_weights(which)
         return torch.matmul(layer_norm(x, w.ln_at("ln1", layer), w.eps), W[layer, h]) + b[layer, h]
 
     def current_input(self, dst: int) -> Tensor:

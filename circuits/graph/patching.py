@@ -18,7 +18,6 @@ exact ACDC is in `circuits.graph.incremental`.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -111,7 +110,7 @@ class EdgePatcher:
             self._clean_stage_inputs = tuple(x[:1] for x in runs.stage_inputs)
             self.clean_logits = runs.logits[0]
             self.clean_logits_full = unembed(self.weights, runs.stage_inputs[-1][0, 0])
-            ablated = runs.sources[1] if resample else self._mean_or_zero_sources()
+            ablated = runs.sources[1] if resample else mean_or_zero_values(self.ablation, self.clean_sources)
             self.ablated = ablated.expand_as(self.clean_sources).contiguous()
             self.ablated_at = self.ablated[..., self.positions, :]
 
@@ -119,13 +118,9 @@ class EdgePatcher:
     def n_layers(self) -> int:
         return self.graph.n_layers
 
-    @functools.cached_property
     def clean_inputs(self) -> Float[Tensor, "n_dst batch pos d_model"]:
-        """Every destination's input in the clean run (each stage's residual stream, repeated)."""
-        return self.clean_inputs_copy()
-
-    def clean_inputs_copy(self) -> Float[Tensor, "n_dst batch pos d_model"]:
-        """A fresh tensor of `clean_inputs` (for a state that will be updated in place)."""
+        """Every destination's input in the clean run (each stage's residual stream, repeated), as a fresh
+        tensor (a circuit state updates its inputs in place)."""
         return torch.cat(self._clean_stage_inputs, dim=1)[0]
 
     def stage_of(self, d: int) -> int:
@@ -156,12 +151,6 @@ class EdgePatcher:
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "1 2 batch pos d_model"]:
         """The embedding sources of some tokens, with a leading mask axis of 1."""
         return embed(self.weights, tokens)[None]
-
-    def _mean_or_zero_sources(self) -> Float[Tensor, "n_src 1 pos d_model"]:
-        """What a removed edge carries under zero or mean ablation (broadcast over the batch by the caller)."""
-        if self.ablation is Ablation.ZERO:
-            return torch.zeros_like(self.clean_sources[:, :1])
-        return self.clean_sources.mean(dim=1, keepdim=True)
 
     def _stage_biases(self) -> list[Tensor]:
         """The constant part of each stage's input: b_O (and b_out) of every layer below it."""
@@ -274,6 +263,17 @@ class EdgePatcher:
             raise ValueError(f"masks: expected a bool tensor [k, {shape[0]}, {shape[1]}], "
                              f"got {masks.dtype} {tuple(masks.shape)}")
         return masks.to(self.device)
+
+def mean_or_zero_values(ablation: Ablation, sources: Float[Tensor, "n_src batch pos d_model"]
+                        ) -> Float[Tensor, "n_src 1 pos d_model"]:
+    """What a removed edge carries under zero or mean ablation (the clean outputs' batch mean at each
+    position), broadcast over the batch by the caller. Example: `mean_or_zero_values(Ablation.MEAN, sources)`"""
+    if ablation is Ablation.ZERO:
+        return torch.zeros_like(sources[:, :1])
+    if ablation is Ablation.MEAN:
+        return sources.mean(dim=1, keepdim=True)
+    raise ValueError(f"ablation: {ablation.value!r} carries the corrupted run's values, not a zero or a mean")
+
 
 def _cat_sources(blocks: list[Tensor]) -> Tensor:
     """Concatenate source blocks [k_i, n_i, ...] along the source axis, broadcasting the leading axis."""

@@ -12,7 +12,7 @@ raises a ValueError (callers fall back to hooks).
 `Run` holds every activation of one unpatched forward. `Resume` continues a forward from a stack of K
 modified states ([K, batch, ...]) and reads out only the residual stream at the positions the metric reads:
 positions before the earliest change are taken from the base run (their keys and values included), a change
-at one position per component updates that layer's attention by the leave-one-key-out sums of `key_update`,
+at one position per component updates that layer's attention by the one-key update of `key_update`,
 and the last layer computes queries, attention output and MLP at the read positions only.
 """
 
@@ -321,16 +321,13 @@ class Resume:
     """Continues patched forwards from `base` (the unpatched run being patched) to the residual stream at
     `read_pos` (the positions the metric reads), which `readout` turns into one metric per component.
 
-    A change at one position per component uses the leave-one-key-out update of `key_update` in the layer it
-    enters, when that layer's left-out sums fit in `loo_mb` MiB (computed once per layer and kept, for the key
-    positions `loo_keys[layer]` when given: the positions the components will change there)."""
+    A change at one position per component uses the one-key update of `key_update` in the layer it enters
+    (prepared once per layer and kept)."""
 
     w: Weights
     base: Run
     read_pos: Int[Tensor, " n"]
-    loo_mb: float = 256.0
-    loo_keys: dict[int, Tensor] = field(default_factory=dict)
-    _loo: dict[int, LeaveOneOut | None] = field(default_factory=dict, repr=False)
+    _loo: dict[int, LeaveOneOut] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -342,16 +339,12 @@ class Resume:
             return self.read_pos
         return torch.arange(self.base.final.shape[-2], device=self.read_pos.device)
 
-    def leave_one_out(self, layer: int) -> LeaveOneOut | None:
-        """The base run's layer `layer` with each key left out in turn (None when it exceeds `loo_mb`)."""
+    def leave_one_out(self, layer: int) -> LeaveOneOut:
+        """The base run's layer `layer`, ready to have one key replaced (see `key_update`)."""
         if layer not in self._loo:
-            b, P, H, d = self.base.v[layer].shape
-            q_pos = self.query_positions(layer)
-            mb = 3 * 4 * P * b * len(q_pos) * H * (d + 1) / 2**20
             base = self.base
-            self._loo[layer] = None if mb > self.loo_mb else LeaveOneOut.of(
-                base.q[layer], base.k[layer], base.v[layer], base.z[layer], base.pattern[layer], q_pos,
-                self.w.attn_scale, self.loo_keys.get(layer))
+            self._loo[layer] = LeaveOneOut.of(base.q[layer], base.k[layer], base.v[layer], base.pattern[layer],
+                                              self.query_positions(layer), self.w.attn_scale)
         return self._loo[layer]
 
     def from_resid(self, layer: int, x: Float[Tensor, "k batch suffix d_model"], start: int = 0
@@ -428,27 +421,12 @@ class Resume:
         q_pos = self.query_positions(layer)[start:]
         row_n = ln1(w, layer, row)
         q_row, k_row, v_row = (project_normed(w, layer, row_n, which) for which in "qkv")
-        loo = self.leave_one_out(layer)
-        if loo is None:
-            z = self._attend_one_changed(layer, p, q_pos, q_row, k_row, v_row)
-        else:
-            z = loo.replace_key(p, k_row, v_row, start)
+        z = self.leave_one_out(layer).replace_key(p, k_row, v_row, start)
         hit = (q_pos[None, :] == p[:, None]).nonzero()  # (component, query index) where the query is at p
         ks, idx = hit[:, 0], hit[:, 1]
-        if loo is not None and len(ks):
+        if len(ks):
             z[ks, :, idx] = query_row(p[ks], q_row[ks], k_row[ks], v_row[ks], base.k[layer], base.v[layer],
                                       w.attn_scale)
         mid = attn_output(w, layer, z).add_(base.resid_pre[layer][..., q_pos, :])
         mid[ks, :, idx] += row[ks] - base.resid_pre[layer][:, p[ks]].movedim(1, 0)
         return self.from_mid(layer, mid, start)
-
-    def _attend_one_changed(self, layer: int, p: Int[Tensor, " k"], q_pos: Int[Tensor, " nq"],
-                            q_row: Tensor, k_row: Tensor, v_row: Tensor) -> Float[Tensor, "k batch nq head d_head"]:
-        """Full attention of the queries at `q_pos` with position p[k]'s q, k, v replaced (no shared sums)."""
-        base = self.base
-        P = base.resid_pre[layer].shape[-2]
-        at_p = (torch.arange(P, device=p.device)[None, :] == p[:, None])[:, None, :, None, None]  # k 1 pos 1 1
-        q = torch.where(at_p[:, :, q_pos], q_row[:, :, None], base.q[layer][..., q_pos, :, :])
-        k = torch.where(at_p, k_row[:, :, None], base.k[layer])
-        v = torch.where(at_p, v_row[:, :, None], base.v[layer])
-        return attend(self.w, q, k, v, q_pos)[0]

@@ -62,8 +62,8 @@ def activation_patch(
     (default: what fits in `memory_mb`; on a CPU also about 2 MiB of residual stream per chunk, which keeps
     the work in cache), resuming from the cached residual stream at that layer. The `weights` backend
     (native and GPT-2 bridges; `auto` picks it when it can) computes the forward from the model's weights,
-    recomputes only positions at or after the patch, updates attention for a single changed position from
-    per-layer leave-one-key-out sums (see `key_update`), reads only the logits the metric reads, and runs
+    recomputes only positions at or after the patch, updates attention for a single changed position in
+    O(d_head) per query (see `key_update`), reads only the logits the metric reads, and runs
     nothing for a component whose patch writes the base run's own value (bitwise: e.g. every position
     before the first token where clean and corrupted differ); `hooks`
     runs the bridge itself with one temporary hook per stacked forward. `metric` (logits [batch, pos, vocab]
@@ -154,8 +154,7 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
             for idx in [i for i, unchanged in zip(c.index, same.tolist()) if unchanged]:
                 out[idx] = base_m
             live.append(_position_major(c.take(torch.nonzero(~same).flatten())))
-        resume = engine.Resume(w, base, reader.read_pos, loo_mb=memory_mb / 2,
-                               loo_keys=_changed_key_positions(site, live, w.n_layers))
+        resume = engine.Resume(w, base, reader.read_pos)
         d_mlp = w.W_in.shape[-1] if w.has_mlp else 0
         per_comp = 4 * task.batch * keep * (12 * w.W_E.shape[1] + 3 * w.n_heads * keep + 2 * d_mlp)
         limit = _chunk_size(batch_limit, memory_mb, per_comp)
@@ -190,22 +189,9 @@ def _writes_base_value(site: Site, c: Components, base: engine.Run, src: engine.
     return same[c.pos_mask.to(same.device)].all(0)[heads].cpu()
 
 
-def _changed_key_positions(site: Site, comps: list[Components], n_layers: int) -> dict[int, Tensor]:
-    """Per layer, the positions whose key and value the per-position components change there: a single-row
-    change enters the patched layer for resid_pre, the next one for every other single-row site."""
-    if site not in _SINGLE_ROW_SITES:
-        return {}
-    out: dict[int, list[Tensor]] = {}
-    for c in comps:
-        entered = _entered_block(site, c.layer)
-        if c.pos is not None and len(c) and entered < n_layers:
-            out.setdefault(entered, []).append(c.pos)
-    return {layer: torch.cat(ps).unique() for layer, ps in out.items()}
-
-
 def _position_major(c: Components) -> Components:
     """Per-position components ordered by position (heads of one position together), so that a chunk spans few
-    positions: its suffix starts late, and each position's leave-one-key-out sums serve every head there."""
+    positions: its suffix starts late."""
     if c.pos is None or c.heads is None:
         return c
     return c.take(torch.argsort(c.pos, stable=True))

@@ -28,6 +28,7 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.activations.key_update import LeaveOneOut, query_row
+from circuits.allocator import settle_allocator
 from circuits.model_cache import cached_read
 
 _GPT2 = "GPT2LMHeadModel"
@@ -88,6 +89,7 @@ class Weights:
     def of(cls, model: TransformerBridge) -> Weights:
         """A supported bridge's weights, cached per model while its parameters are unchanged (see
         `circuits.model_cache`); raises ValueError naming what is unsupported."""
+        settle_allocator()  # patched runs reuse freed memory instead of faulting it in again
         return cached_read(model, "activations", cls.read)
 
     @classmethod

@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
+from circuits.allocator import settle_allocator
 from circuits.model_cache import cached_read
 
 
@@ -91,6 +92,7 @@ class NativeWeights:
         through autograd-visible operations (each tensor's storage and version counter are compared);
         writes through `.data` bypass the version counter, so call `NativeWeights.read(model)` after them.
         """
+        settle_allocator()  # patched runs reuse freed memory instead of faulting it in again
         return cached_read(model, "graph", cls.read)
 
     @classmethod

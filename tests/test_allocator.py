@@ -18,11 +18,11 @@ from circuits.tasks import induction_task
 if sys.argv[1] == "plain":
     circuits.allocator._settled = True  # as if settled already: glibc's thresholds stay where they are
 model, task = load_pretrained("attn2l-induction"), induction_task(32, 17, 64, seed=0)
-for _ in range(2):
-    activation_patch(model, task, "resid_pre", progress=False)
+for site in ("resid_pre", "z"):
+    activation_patch(model, task, site, progress=False)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    activation_patch(model, task, "resid_pre", progress=False)
+for site in ("resid_pre", "z", "resid_pre", "z"):
+    activation_patch(model, task, site, progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -35,5 +35,5 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's adaptive thresholds only")
 def test_settled_allocator_reuses_freed_memory():
     plain, settled = _faults("plain"), _faults("settled")
-    assert plain > 8000  # measured 24,000-27,000: each call gives its chunks' memory back and faults it in again
-    assert settled < plain / 10  # measured 0-700
+    assert plain > 8000  # measured 14,500-36,000: the calls give their chunks' memory back and fault it in again
+    assert settled < 3000  # measured 530-1,300

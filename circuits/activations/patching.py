@@ -59,14 +59,14 @@ def activation_patch(
     pairs) and `positions` restrict the components (the rest are NaN).
 
     The components of a layer run together, stacked along the batch in chunks of at most `batch_limit`
-    (default: what fits in `memory_mb`; on a CPU also about 2 MiB of residual stream per chunk, which keeps
-    the work in cache), resuming from the cached residual stream at that layer. The `weights` backend
-    (native and GPT-2 bridges; `auto` picks it when it can) computes the forward from the model's weights,
-    recomputes only positions at or after the patch, updates attention for a single changed position in
-    O(d_head) per query (see `key_update`), reads only the logits the metric reads, and runs
-    nothing for a component whose patch writes the base run's own value (bitwise: e.g. every position
-    before the first token where clean and corrupted differ); `hooks`
-    runs the bridge itself with one temporary hook per stacked forward. `metric` (logits [batch, pos, vocab]
+    (default: what fits in `memory_mb`; on a CPU also 2-8 MiB of residual stream per chunk: enough work per
+    operation for small models, within the caches for large ones), resuming from the cached residual stream
+    at that layer. The `weights` backend (native and GPT-2 bridges; `auto` picks it when it can) computes the
+    forward from the model's weights, recomputes only positions at or after the patch, updates attention for
+    a single changed position in O(d_head) per query (see `key_update`), reads only the logits the metric
+    reads, and runs nothing for a component whose patch writes the base run's own value (bitwise: e.g. every
+    position before the first token where clean and corrupted differ); `hooks` runs the bridge itself with
+    one temporary hook per stacked forward. `metric` (logits [batch, pos, vocab]
     → scalar) replaces the task's.
 
     Example: `activation_patch(model, induction_task(32, 17, 50), "z").top(5)`
@@ -111,9 +111,14 @@ def _chunks(comps: list[Components], size: Callable[[Components], int], progress
     return tqdm(parts, desc=desc, disable=not progress, leave=False)
 
 
-# Patched runs of small models are memory-bound on a CPU: a chunk whose residual streams fit the L2 caches
-# runs 2-3 times faster per component than one that streams from RAM (measured on attn2l-induction).
-_CPU_CHUNK_BYTES = 2 * 2**20
+# On a CPU a chunk's recomputed residual streams total at least 2 MiB (they stay in the L2 caches) and at most
+# 8 MiB (the intermediates, a few times that, stay below the 32 MiB up to which `settle_allocator` has freed
+# memory reused); in between, enough rows for about 2**29 multiply-adds per layer, which amortises the fixed
+# cost of a layer's ~50 operations. Measured on attn2l-induction (d_model 64, attention only: 8 MiB) against
+# 2 MiB: resid_pre by position 37-40 vs 40-47 ms, z 44-52 vs 53-58 ms (medians); GPT-2-shaped models with MLPs
+# (d_model 128-384) take the 2 MiB floor, which measured fastest there (z, 6 × 384: 1.9 s vs 2.9 s at 8 MiB).
+_CPU_CHUNK_BYTES = (2 * 2**20, 8 * 2**20)
+_CPU_CHUNK_MACS = 2**29
 _SINGLE_ROW_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.Z, Site.Q, Site.PATTERN)
 
 
@@ -123,13 +128,25 @@ def _entered_block(site: Site, layer: int) -> int:
     return layer if site is Site.RESID_PRE else layer + 1
 
 
-def _cache_chunk(site: Site, c: Components, n_layers: int, batch: int, keep: int, n_read: int, d_model: int) -> int:
-    """Components per chunk whose recomputed residual streams total about `_CPU_CHUNK_BYTES`: a per-position
-    patch that first enters the last block recomputes only the read positions there, others every position."""
+def _cache_chunk(site: Site, c: Components, w: engine.Weights, batch: int, keep: int, n_read: int) -> int:
+    """Components per chunk whose recomputed residual streams total the bytes `_chunk_bytes` sets: a
+    per-position patch that first enters the last block recomputes only the read positions there, others every
+    position."""
+    d_model = w.W_E.shape[1]
     first = _entered_block(site, c.layer)
     single = c.pos is not None and site in _SINGLE_ROW_SITES
-    rows = n_read if single and first >= n_layers - 1 else keep
-    return max(1, _CPU_CHUNK_BYTES // (4 * batch * rows * d_model))
+    rows = n_read if single and first >= w.n_layers - 1 else keep
+    return max(1, _chunk_bytes(w) // (4 * batch * rows * d_model))
+
+
+def _chunk_bytes(w: engine.Weights) -> int:
+    """Residual-stream bytes per chunk: rows for `_CPU_CHUNK_MACS` multiply-adds per layer, within
+    `_CPU_CHUNK_BYTES`."""
+    d_model = w.W_E.shape[1]
+    d_mlp = w.W_in.shape[-1] if w.has_mlp else 0
+    macs_per_row = 4 * d_model**2 + 2 * d_model * d_mlp  # q, k, v, o and the MLP
+    low, high = _CPU_CHUNK_BYTES
+    return min(high, max(low, _CPU_CHUNK_MACS * 4 * d_model // macs_per_row))
 
 
 def _run_weights(model, task, site, comps, direction, custom, batch_limit, memory_mb, progress, out):
@@ -162,8 +179,7 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
         def size(c: Components) -> int:
             if device.type != "cpu":
                 return limit
-            return min(limit, _cache_chunk(site, c, w.n_layers, task.batch, keep, len(reader.read_pos),
-                                           w.W_E.shape[1]))
+            return min(limit, _cache_chunk(site, c, w, task.batch, keep, len(reader.read_pos)))
 
         for c in _chunks([c for c in live if len(c)], size, progress, f"patching {site.value}"):
             scores = reader.score(patched_resid(resume, src, site, c)).cpu()

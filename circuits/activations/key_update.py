@@ -10,10 +10,11 @@ the new output is z'_i = (R e^{ℓ_i − c} + v'_p e^{s'_ip − c}) / (D e^{ℓ_
 c = max(ℓ_i, s'_ip): O(d_head) per query and component instead of O(pos · d_head).
 
 R and D are not summed per key. Every key but the query's most attended one, m_i, holds at most half of the
-query's attention (the weights sum to 1), so there R = z_i − a_ip v_p and D = 1 − a_ip lose nothing to
-cancellation: D ≥ 1/2, and the rounding of R is of the order of z_i's own (|a_ip v_p| ≤ Σ_j a_ij |v_j|). Only
-for m_i, where a head may attend almost only to it and z_i − a_ip v_p would cancel, R and D are summed over
-the other keys, once per query: one more pass over the layer's pattern, whatever the number of keys changed.
+query's attention (the weights sum to 1), so there R = z_i − a_ip v_p (formed as R[i, m_i] + a_im v_m − a_ip v_p)
+and D = 1 − a_ip lose nothing to cancellation: D ≥ 1/2, and the rounding of R is of the order of z_i's own
+(each term is at most Σ_j a_ij |v_j|). Only for m_i, where a head may attend almost only to it and
+z_i − a_ip v_p would cancel, R and D are summed over the other keys, once per query: one more pass over the
+layer's pattern, whatever the number of keys changed.
 ℓ_i = s_im − log a_im, read from the most attended key (a_im ≥ 1/(i + 1), so its logarithm is exact to
 rounding). The query at p itself changes too; `query_row` recomputes that one row.
 """
@@ -74,10 +75,12 @@ class LeaveOneOut:
         (queries unchanged; queries before p[k] cannot see it and keep their base output, to rounding)."""
         w_old, w_new, a_p, top = self._weights(p, k_new, first)
         not_top = ~top
-        z = self.top_rest_z[:, first:] * w_old[..., None]  # z' = R w_old + v'_p w_new, with R written as
-        z.addcmul_(self.top_v[:, first:], (self.top_a[:, first:] * not_top).mul_(w_old)[..., None])  # R_m
+        # z' = R w_old + v'_p w_new, with R = R[i, m] + a_m v_m − a_p v_p where p is not the top key m, R[i, m]
+        # where it is
+        z = self.top_rest_z[:, first:] * w_old[..., None]
+        z.addcmul_(self.top_v[:, first:], (self.top_a[:, first:] * not_top).mul_(w_old)[..., None])
         v_p = self.v.index_select(1, p).movedim(1, 0)[:, :, None]  # k batch 1 head d_head
-        z.addcmul_(v_p, a_p.mul_(not_top).mul_(w_old).neg_()[..., None])  # + a_m v_m − a_p v_p off the top
+        z.addcmul_(v_p, a_p.mul_(not_top).mul_(w_old).neg_()[..., None])
         return z.addcmul_(v_new[:, :, None], w_new[..., None])
 
     def _weights(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"], first: int

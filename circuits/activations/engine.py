@@ -32,6 +32,7 @@ from circuits.allocator import settle_allocator
 from circuits.model_cache import cached_read
 
 _GPT2 = "GPT2LMHeadModel"
+_KV_BLOCK_BYTES = 2**20
 _NATIVE = "TransformerLensNative"
 
 
@@ -355,29 +356,38 @@ class Resume:
         (earlier positions are the base run's: their keys and values are read from it, not recomputed)."""
         w = self.w
         for i in range(layer, w.n_layers):
-            xn = ln1(w, i, x)
-            kv = torch.addmm(w.b_KV[i][None], xn.reshape(-1, xn.shape[-1]), w.W_KV[i])
-            kv = kv.view(*xn.shape[:-1], 2, w.n_heads, -1)
-            k, v = (self._head_major(i, name, kv[..., j, :, :], start) for j, name in enumerate("kv"))
+            k, v = self._keys_values(i, x, start)
             q_pos = self.query_positions(i)
             q_pos = q_pos[q_pos >= start]
-            rows = q_pos - start  # the queries' rows in the suffix `x`
-            q = project_normed(w, i, xn[..., rows, :], "q")
+            x_q = x[..., q_pos - start, :]  # the queries' rows in the suffix `x`
+            q = project_normed(w, i, ln1(w, i, x_q), "q")
             pattern = attention_pattern(w, q.transpose(-2, -3), k, q_pos)
-            mid = x[..., rows, :] + attn_output(w, i, (pattern @ v).transpose(-2, -3))
+            mid = x_q.add_(attn_output(w, i, (pattern @ v).transpose(-2, -3)))
             x = mid + mlp_output(w, i, mid) if w.has_mlp else mid
         if layer == w.n_layers:
             x = x[..., self.read_pos - start, :]
         return self._with_base_reads(x, start)
 
-    def _head_major(self, layer: int, name: str, new: Float[Tensor, "k batch suffix head d_head"], start: int
-                    ) -> Float[Tensor, "k batch head pos d_head"]:
-        """Keys or values of every position, head-major: the base run's before `start`, `new` from there."""
-        K, B, _, H, d = new.shape
-        out = new.new_empty(K, B, H, start + new.shape[2], d)
-        out[..., :start, :] = self.base.site(name)[layer][:, :start].transpose(1, 2)
-        out[..., start:, :] = new.transpose(2, 3)
-        return out
+    def _keys_values(self, layer: int, x: Float[Tensor, "k batch suffix d_model"], start: int
+                     ) -> tuple[Float[Tensor, "k batch head pos d_head"], Float[Tensor, "k batch head pos d_head"]]:
+        """Keys and values of every position, head-major: the base run's before `start`, projected from `x`
+        from there, in blocks of about `_KV_BLOCK_BYTES` of output (normalised rows and projections stay in
+        cache between the LayerNorm, the product and the change of layout)."""
+        w, base = self.w, self.base
+        *lead, s, m = x.shape
+        H, d = w.n_heads, w.W_K.shape[-1]
+        k, v = (x.new_empty(*lead, H, start + s, d) for _ in range(2))
+        for out, name in ((k, "k"), (v, "v")):
+            out[..., :start, :] = base.site(name)[layer][:, :start].transpose(1, 2)
+        n = x.numel() // (s * m)
+        rows, k_rows, v_rows = x.reshape(n, s, m), k.view(n, H, start + s, d), v.view(n, H, start + s, d)
+        step = max(1, _KV_BLOCK_BYTES // (4 * s * 2 * H * d))
+        for a in range(0, n, step):
+            xn = ln1(w, layer, rows[a:a + step])
+            kv = torch.addmm(w.b_KV[layer][None], xn.reshape(-1, m), w.W_KV[layer]).view(-1, s, 2, H, d)
+            k_rows[a:a + step, :, start:] = kv[:, :, 0].transpose(1, 2)
+            v_rows[a:a + step, :, start:] = kv[:, :, 1].transpose(1, 2)
+        return k, v
 
     def _with_base_reads(self, x: Float[Tensor, "k batch m d_model"], start: int) -> Float[Tensor, "k batch n d_model"]:
         """The read positions from `start` on (`x`, in order) completed by the base run's final stream before."""

@@ -32,8 +32,8 @@ from circuits.allocator import settle_allocator
 from circuits.model_cache import cached_read
 
 _GPT2 = "GPT2LMHeadModel"
-_KV_BLOCK_BYTES = 2**20
 _NATIVE = "TransformerLensNative"
+_KV_BLOCK_BYTES = 2**20  # keys and values projected per block of output: a block and its input fit an L2 cache
 
 
 @dataclass(frozen=True, eq=False)

@@ -86,3 +86,27 @@ def test_replacing_the_key_a_head_attends_to_almost_alone():
     z_f, a_f, v_f = z.float(), a.float(), v.float()
     cancelled = (z_f[0, P - 1, 0] - a_f[0, 0, P - 1, 2] * v_f[0, 2, 0]) / (1 - a_f[0, 0, P - 1, 2])
     assert (cancelled.double() - expected[0, P - 1, 0]).abs().max() > 0.1 * v.abs().max()  # why it is needed
+
+
+def test_replacing_the_key_a_head_attends_to_alone_in_float32():
+    """The other keys' weights underflow to exactly 0 in the float32 pattern (scores 201 below the top key's):
+    their share comes from the scores, so a new key scored between them and the old top key wins, and one
+    scored below them leaves the others' average; neither is 0 / 0."""
+    P = 4
+    k = torch.eye(P, dtype=torch.float64)[None, :, None]  # key j = e_j: query i's score of key j is q_i[j]
+    q = torch.full((1, P, 1, P), -200.0, dtype=torch.float64)
+    q[..., 1] = 1.0
+    v = torch.randn(1, P, 1, P, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    pos = torch.arange(P)
+    z, a = _attention(q, k, v, pos, 1.0)
+    assert a.float()[0, 0, 2:, [0, 2, 3]].max() == 0  # the set-up is what it says
+    loo = LeaveOneOut.of(q.float(), k.float(), v.float(), a.float(), pos, 1.0)
+    v_new = torch.randn(1, 1, 1, P, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for new_score in (-150.0, -250.0):
+        k_new = (new_score * torch.eye(P, dtype=torch.float64)[1])[None, None, None]
+        k2, v2 = k.clone(), v.clone()
+        k2[:, 1], v2[:, 1] = k_new[0], v_new[0]
+        expected, _ = _attention(q, k2, v2, pos, 1.0)
+        ours = loo.replace_key(torch.tensor([1]), k_new.float(), v_new.float())[0].double()
+        assert torch.isfinite(ours).all()
+        assert (ours[:, 2:] - expected[:, 2:]).abs().max() < 1e-5 * v.abs().max()  # queries 2, 3 (1 is p's own)

@@ -2,21 +2,22 @@
 
 When the residual stream entering a layer differs from the base run at a single position p, a query at i ≠ p
 keeps its base query and every base key except key p: only its score s_ip and value v_p change. With the base
-run's log-sum-exp ℓ_i of the query's scores and the sums that leave key p out,
+run's log-sum-exp ℓ_i of the query's scores and the other keys' share
 
-    R[i, p] = Σ_{j ≤ i, j ≠ p} a_ij v_j        D[i, p] = Σ_{j ≤ i, j ≠ p} a_ij        (a: the base pattern)
+    D[i, p] = Σ_{j ≤ i, j ≠ p} a_ij        R̂[i, p] = Σ_{j ≤ i, j ≠ p} a_ij v_j / D[i, p]        (a: the base pattern)
 
-the new output is z'_i = (R e^{ℓ_i − c} + v'_p e^{s'_ip − c}) / (D e^{ℓ_i − c} + e^{s'_ip − c}) with
-c = max(ℓ_i, s'_ip): O(d_head) per query and component instead of O(pos · d_head).
+the new output is z'_i = (R̂ e^{L − c} + v'_p e^{s'_ip − c}) / (e^{L − c} + e^{s'_ip − c}) with L = ℓ_i + log D and
+c = max(L, s'_ip): O(d_head) per query and component instead of O(pos · d_head), and never 0 / 0.
 
-R and D are not summed per key. Every key but the query's most attended one, m_i, holds at most half of the
-query's attention (the weights sum to 1), so there R = z_i − a_ip v_p (formed as R[i, m_i] + a_im v_m − a_ip v_p)
-and D = 1 − a_ip lose nothing to cancellation: D ≥ 1/2, and the rounding of R is of the order of z_i's own
-(each term is at most Σ_j a_ij |v_j|). Only for m_i, where a head may attend almost only to it and
-z_i − a_ip v_p would cancel, R and D are summed over the other keys, once per query: one more pass over the
-layer's pattern, whatever the number of keys changed.
-ℓ_i = s_im − log a_im, read from the most attended key (a_im ≥ 1/(i + 1), so its logarithm is exact to
-rounding). The query at p itself changes too; `query_row` recomputes that one row.
+R̂ and D are not summed per key. Every key but the query's most attended one, m_i, holds at most half of the
+query's attention (the weights sum to 1), so there D = 1 − a_ip ≥ 1/2 and D·R̂ = D_m R̂_m + a_im v_m − a_ip v_p
+(the share without m, plus m, less p) lose nothing to cancellation: each term is at most Σ_j a_ij |v_j|. For
+m_i, where a head may attend almost only to it and 1 − a_im or z_i − a_im v_m would cancel, the share is
+summed over the other keys directly, once per query; where it is so small (D < e^-60) that the float pattern
+may have rounded those weights to 0, it is read from their scores instead (log D as their log-sum-exp less ℓ_i,
+R̂ as their softmax times v), so that a new key scored far below the old one still gets the right answer, not
+0 / 0. ℓ_i = s_im − log a_im (a_im ≥ 1/(i + 1): exact to rounding). The query at p itself changes too;
+`query_row` recomputes that one row.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ class LeaveOneOut:
     q: Float[Tensor, "batch head nq d_head"]  # head-major, for one batched product with the new keys
     v: Float[Tensor, "batch pos head d_head"]
     a: Float[Tensor, "pos batch nq head"]  # the base pattern of the queries, key-major
-    lse: Float[Tensor, "batch nq head"]
+    lse: Float[Tensor, "batch nq head"]  # ℓ_i
     top: Int[Tensor, "batch nq head"]  # m_i: each query's most attended key
     top_a: Float[Tensor, "batch nq head"]  # a_im
     top_v: Float[Tensor, "batch nq head d_head"]  # v_m
-    top_rest_z: Float[Tensor, "batch nq head d_head"]  # R[i, m_i]
-    top_rest_a: Float[Tensor, "batch nq head"]  # D[i, m_i]
+    top_rest_z: Float[Tensor, "batch nq head d_head"]  # R̂[i, m_i]
+    top_log_rest: Float[Tensor, "batch nq head"]  # log D[i, m_i] (−inf: no other key)
+    top_rest_a: Float[Tensor, "batch nq head"]  # D[i, m_i] (0 where it underflows: its log is exact)
     scale: float
 
     @classmethod
@@ -51,9 +53,9 @@ class LeaveOneOut:
            v: Float[Tensor, "batch pos head d_head"], pattern: Float[Tensor, "batch head pos pos"],
            q_pos: Int[Tensor, " nq"], scale: float) -> LeaveOneOut:
         """From a layer's cached q, k, v and pattern (TransformerLens layouts)."""
+        q_at = q[:, q_pos].transpose(1, 2).contiguous()  # batch head nq d_head
         a = pattern[:, :, q_pos]  # batch head nq key
         top_a, top = a.max(-1)
-        others = a.scatter(-1, top[..., None], 0.0)  # each query's pattern without its most attended key
 
         def at_top(t: Tensor) -> Tensor:  # [batch, pos, head, d] -> its rows at each query's top key
             return t.transpose(1, 2).gather(2, top[..., None].expand(*top.shape, t.shape[-1]))
@@ -61,44 +63,71 @@ class LeaveOneOut:
         def query_major(t: Tensor) -> Tensor:  # batch head nq ... -> batch nq head ..., contiguous, so that
             return t.transpose(1, 2).contiguous()  # per-component results come out contiguous too
 
-        q_at = q[:, q_pos].transpose(1, 2).contiguous()
-        lse = torch.einsum("bhid,bhid->bhi", q_at, at_top(k)) / scale - top_a.log()
+        lse = torch.einsum("bhid,bhid->bhi", q_at, at_top(k)) / scale - top_a.log()  # a_im ≥ 1/(i + 1): exact
+        log_rest, rest_z = _share_without_top(a, top, v)
+        lost = (log_rest < _LOST) & (q_pos > 0)  # the other keys' weights underflow: read their scores
+        if bool(lost.any()):
+            scores = (q_at @ k.permute(0, 2, 3, 1) / scale).masked_fill_(_hidden(k.shape[1], q_pos), float("-inf"))
+            exact_log, exact_z = _share_without_top(scores, top, v, scores=True)
+            log_rest, rest_z = torch.where(lost, exact_log, log_rest), torch.where(lost[..., None], exact_z, rest_z)
         return cls(q_pos=q_pos, q=q_at, v=v, a=a.permute(3, 0, 2, 1).contiguous(), lse=query_major(lse),
                    top=query_major(top), top_a=query_major(top_a), top_v=query_major(at_top(v)),
-                   top_rest_z=query_major(others @ v.transpose(1, 2)), top_rest_a=query_major(others.sum(-1)),
-                   scale=scale)
+                   top_rest_z=query_major(rest_z), top_log_rest=query_major(log_rest),
+                   top_rest_a=query_major(log_rest.exp()), scale=scale)
 
     def replace_key(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"],
                     v_new: Float[Tensor, "k batch head d_head"], first: int = 0
                     ) -> Float[Tensor, "k batch nq head d_head"]:
         """The output of the queries `first`.. when component k replaces key and value at position p[k]
         (queries unchanged; queries before p[k] cannot see it and keep their base output, to rounding)."""
-        w_old, w_new, a_p, top = self._weights(p, k_new, first)
-        not_top = ~top
-        # z' = R w_old + v'_p w_new, with R = R[i, m] + a_m v_m − a_p v_p where p is not the top key m, R[i, m]
-        # where it is
-        z = self.top_rest_z[:, first:] * w_old[..., None]
-        z.addcmul_(self.top_v[:, first:], (self.top_a[:, first:] * not_top).mul_(w_old)[..., None])
+        w_rest, w_new, a_p, top = self._weights(p, k_new, first)
+        # z' = R̂ w_rest + v'_p w_new, with R̂ = (D_m R̂_m + a_m v_m − a_p v_p) / (1 − a_p) where p is not the top
+        # key m, R̂_m where it is
+        per_d = w_rest.mul_(torch.rsub(a_p, 1.0).reciprocal_().masked_fill_(top, 1.0))  # w_rest / D off the top
+        z = self.top_rest_z[:, first:] * torch.where(top, 1.0, self.top_rest_a[:, first:]).mul_(per_d)[..., None]
+        z.addcmul_(self.top_v[:, first:], self.top_a[:, first:].masked_fill(top, 0.0).mul_(per_d)[..., None])
         v_p = self.v.index_select(1, p).movedim(1, 0)[:, :, None]  # k batch 1 head d_head
-        z.addcmul_(v_p, a_p.mul_(not_top).mul_(w_old).neg_()[..., None])
+        z.addcmul_(v_p, a_p.masked_fill_(top, 0.0).mul_(per_d).neg_()[..., None])
         return z.addcmul_(v_new[:, :, None], w_new[..., None])
 
     def _weights(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"], first: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """[k, batch, nq, head] each: the weights of R and of v'_p, a_ip, and whether p is the top key."""
+        """[k, batch, nq, head] each: the weights of R̂ and of v'_p, a_ip, and whether p is the top key."""
         b, h, nq, d = self.q[:, :, first:].shape
-        unseen = self.q_pos[first:, None] < p[None, :]  # score -inf: new = 0, D = 1, w_old = 1
+        unseen = self.q_pos[first:, None] < p[None, :]  # score -inf: new = 0, D = 1, w_rest = 1
         bias = torch.zeros(unseen.shape, dtype=self.q.dtype, device=p.device).masked_fill_(unseen, float("-inf"))
         keys = k_new.permute(1, 2, 3, 0).reshape(b * h, d, len(p))
         s_new = torch.baddbmm(bias, self.q[:, :, first:].reshape(b * h, nq, d), keys, alpha=1 / self.scale)
         s_new = s_new.view(b, h, nq, len(p)).permute(3, 0, 2, 1).contiguous()
-        lse = self.lse[:, first:]
-        c = torch.maximum(lse, s_new)
-        old, new = (lse - c).exp_(), s_new.sub_(c).exp_()
         a_p = self.a[p, :, first:]
         top = self.top[:, first:] == p[:, None, None, None]
-        den = torch.where(top, self.top_rest_a[:, first:], 1.0 - a_p).mul_(old).add_(new)
-        return old.div_(den), new.div_(den), a_p, top
+        log_rest = torch.where(top, self.top_log_rest[:, first:], torch.log1p(-a_p)).add_(self.lse[:, first:])  # L
+        c = torch.maximum(log_rest, s_new)
+        rest, new = log_rest.sub_(c).exp_(), s_new.sub_(c).exp_()  # one of them is 1
+        den = rest + new
+        return rest.div_(den), new.div_(den), a_p, top
+
+
+_LOST = -60.0  # log D below which the pattern's weights of the other keys may have underflowed (float32)
+
+
+def _hidden(n_keys: int, q_pos: Int[Tensor, " nq"]) -> Tensor:
+    return torch.arange(n_keys, device=q_pos.device)[None, :] > q_pos[:, None]
+
+
+def _share_without_top(weights: Float[Tensor, "batch head nq key"], top: Int[Tensor, "batch head nq"],
+                       v: Float[Tensor, "batch key head d_head"], scores: bool = False
+                       ) -> tuple[Float[Tensor, "batch head nq"], Float[Tensor, "batch head nq d_head"]]:
+    """log D and R̂ of each query's keys other than its top one, from the pattern (`weights` sum to 1) or from
+    the scores (`scores=True`: the log-sum-exp of the others less that of all). No other key: −inf and 0."""
+    others = weights.scatter(-1, top[..., None], float("-inf") if scores else 0.0)
+    if scores:
+        log_all = weights.logsumexp(-1)
+        log_rest = others.logsumexp(-1)
+        share = others.sub_(torch.where(torch.isinf(log_rest), 0.0, log_rest)[..., None]).exp_()
+        return log_rest - log_all, (share @ v.transpose(1, 2))
+    rest = others.sum(-1)
+    return rest.log(), (others @ v.transpose(1, 2)) / torch.where(rest > 0, rest, 1.0)[..., None]
 
 
 def query_row(p: Int[Tensor, " k"], q_new: Float[Tensor, "k batch head d_head"],

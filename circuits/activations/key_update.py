@@ -45,7 +45,6 @@ class LeaveOneOut:
     top_v: Float[Tensor, "batch nq head d_head"]  # v_m
     top_rest_z: Float[Tensor, "batch nq head d_head"]  # R̂[i, m_i]
     top_log_rest: Float[Tensor, "batch nq head"]  # log D[i, m_i] (−inf: no other key)
-    top_rest_a: Float[Tensor, "batch nq head"]  # D[i, m_i] (0 where it underflows: its log is exact)
     scale: float
 
     @classmethod
@@ -64,16 +63,15 @@ class LeaveOneOut:
             return t.transpose(1, 2).contiguous()  # per-component results come out contiguous too
 
         lse = torch.einsum("bhid,bhid->bhi", q_at, at_top(k)) / scale - top_a.log()  # a_im ≥ 1/(i + 1): exact
-        log_rest, rest_z = _share_without_top(a, top, v)
+        log_rest, rest_z = _share_from_pattern(a, top, v)
         lost = (log_rest < _LOST) & (q_pos > 0)  # the other keys' weights underflow: read their scores
         if bool(lost.any()):
             scores = (q_at @ k.permute(0, 2, 3, 1) / scale).masked_fill_(_hidden(k.shape[1], q_pos), float("-inf"))
-            exact_log, exact_z = _share_without_top(scores, top, v, scores=True)
+            exact_log, exact_z = _share_from_scores(scores, top, v)
             log_rest, rest_z = torch.where(lost, exact_log, log_rest), torch.where(lost[..., None], exact_z, rest_z)
         return cls(q_pos=q_pos, q=q_at, v=v, a=a.permute(3, 0, 2, 1).contiguous(), lse=query_major(lse),
                    top=query_major(top), top_a=query_major(top_a), top_v=query_major(at_top(v)),
-                   top_rest_z=query_major(rest_z), top_log_rest=query_major(log_rest),
-                   top_rest_a=query_major(log_rest.exp()), scale=scale)
+                   top_rest_z=query_major(rest_z), top_log_rest=query_major(log_rest), scale=scale)
 
     def replace_key(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"],
                     v_new: Float[Tensor, "k batch head d_head"], first: int = 0
@@ -84,7 +82,8 @@ class LeaveOneOut:
         # z' = R̂ w_rest + v'_p w_new, with R̂ = (D_m R̂_m + a_m v_m − a_p v_p) / (1 − a_p) where p is not the top
         # key m, R̂_m where it is
         per_d = w_rest.mul_(torch.rsub(a_p, 1.0).reciprocal_().masked_fill_(top, 1.0))  # w_rest / D off the top
-        z = self.top_rest_z[:, first:] * torch.where(top, 1.0, self.top_rest_a[:, first:]).mul_(per_d)[..., None]
+        d_top = self.top_log_rest[:, first:].exp()  # D_m (0 where it underflows: only its log is exact)
+        z = self.top_rest_z[:, first:] * torch.where(top, 1.0, d_top).mul_(per_d)[..., None]
         z.addcmul_(self.top_v[:, first:], self.top_a[:, first:].masked_fill(top, 0.0).mul_(per_d)[..., None])
         v_p = self.v.index_select(1, p).movedim(1, 0)[:, :, None]  # k batch 1 head d_head
         z.addcmul_(v_p, a_p.masked_fill_(top, 0.0).mul_(per_d).neg_()[..., None])
@@ -115,19 +114,24 @@ def _hidden(n_keys: int, q_pos: Int[Tensor, " nq"]) -> Tensor:
     return torch.arange(n_keys, device=q_pos.device)[None, :] > q_pos[:, None]
 
 
-def _share_without_top(weights: Float[Tensor, "batch head nq key"], top: Int[Tensor, "batch head nq"],
-                       v: Float[Tensor, "batch key head d_head"], scores: bool = False
-                       ) -> tuple[Float[Tensor, "batch head nq"], Float[Tensor, "batch head nq d_head"]]:
-    """log D and R̂ of each query's keys other than its top one, from the pattern (`weights` sum to 1) or from
-    the scores (`scores=True`: the log-sum-exp of the others less that of all). No other key: −inf and 0."""
-    others = weights.scatter(-1, top[..., None], float("-inf") if scores else 0.0)
-    if scores:
-        log_all = weights.logsumexp(-1)
-        log_rest = others.logsumexp(-1)
-        share = others.sub_(torch.where(torch.isinf(log_rest), 0.0, log_rest)[..., None]).exp_()
-        return log_rest - log_all, (share @ v.transpose(1, 2))
+def _share_from_pattern(a: Float[Tensor, "batch head nq key"], top: Int[Tensor, "batch head nq"],
+                        v: Float[Tensor, "batch key head d_head"]
+                        ) -> tuple[Float[Tensor, "batch head nq"], Float[Tensor, "batch head nq d_head"]]:
+    """log D and R̂ of each query's keys other than its top one, summed from the pattern. No other key: −inf, 0."""
+    others = a.scatter(-1, top[..., None], 0.0)
     rest = others.sum(-1)
     return rest.log(), (others @ v.transpose(1, 2)) / torch.where(rest > 0, rest, 1.0)[..., None]
+
+
+def _share_from_scores(scores: Float[Tensor, "batch head nq key"], top: Int[Tensor, "batch head nq"],
+                       v: Float[Tensor, "batch key head d_head"]
+                       ) -> tuple[Float[Tensor, "batch head nq"], Float[Tensor, "batch head nq d_head"]]:
+    """The same from the scores (masked −inf), exact where the pattern's weights have underflowed: log D is the
+    log-sum-exp of the others less that of all, R̂ their softmax times v. No other key: −inf, 0."""
+    others = scores.scatter(-1, top[..., None], float("-inf"))
+    log_rest = others.logsumexp(-1)
+    share = others.sub_(torch.where(torch.isinf(log_rest), 0.0, log_rest)[..., None]).exp_()
+    return log_rest - scores.logsumexp(-1), share @ v.transpose(1, 2)
 
 
 def query_row(p: Int[Tensor, " k"], q_new: Float[Tensor, "k batch head d_head"],

@@ -264,6 +264,7 @@ class EdgePatcher:
                              f"got {masks.dtype} {tuple(masks.shape)}")
         return masks.to(self.device)
 
+
 def mean_or_zero_values(ablation: Ablation, sources: Float[Tensor, "n_src batch pos d_model"]
                         ) -> Float[Tensor, "n_src 1 pos d_model"]:
     """What a removed edge carries under zero or mean ablation (the clean outputs' batch mean at each

@@ -55,9 +55,12 @@ class LeaveOneOut:
         q_at = q[:, q_pos].transpose(1, 2).contiguous()  # batch head nq d_head
         a = pattern[:, :, q_pos]  # batch head nq key
         top_a, top = a.max(-1)
+        b, n_keys, h, _ = k.shape
+        rows_at_top = ((torch.arange(b, device=top.device)[:, None, None] * n_keys + top) * h
+                       + torch.arange(h, device=top.device)[None, :, None]).flatten()
 
         def at_top(t: Tensor) -> Tensor:  # [batch, pos, head, d] -> its rows at each query's top key
-            return t.transpose(1, 2).gather(2, top[..., None].expand(*top.shape, t.shape[-1]))
+            return t.reshape(-1, t.shape[-1]).index_select(0, rows_at_top).view(*top.shape, t.shape[-1])
 
         def query_major(t: Tensor) -> Tensor:  # batch head nq ... -> batch nq head ..., contiguous, so that
             return t.transpose(1, 2).contiguous()  # per-component results come out contiguous too

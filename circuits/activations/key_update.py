@@ -10,14 +10,14 @@ the new output is z'_i = (R̂ e^{L − c} + v'_p e^{s'_ip − c}) / (e^{L − c}
 c = max(L, s'_ip): O(d_head) per query and component instead of O(pos · d_head), and never 0 / 0.
 
 R̂ and D are not summed per key. Every key but the query's most attended one, m_i, holds at most half of the
-query's attention (the weights sum to 1), so there D = 1 − a_ip ≥ 1/2 and D·R̂ = D_m R̂_m + a_im v_m − a_ip v_p
-(the share without m, plus m, less p) lose nothing to cancellation: each term is at most Σ_j a_ij |v_j|. For
-m_i, where a head may attend almost only to it and 1 − a_im or z_i − a_im v_m would cancel, the share is
-summed over the other keys directly, once per query; where it is so small (D < e^-60) that the float pattern
-may have rounded those weights to 0, it is read from their scores instead (log D as their log-sum-exp less ℓ_i,
-R̂ as their softmax times v), so that a new key scored far below the old one still gets the right answer, not
-0 / 0. ℓ_i = s_im − log a_im (a_im ≥ 1/(i + 1): exact to rounding). The query at p itself changes too;
-`query_row` recomputes that one row.
+query's attention (the weights sum to 1), so there D = 1 − a_ip ≥ 1/2 and D·R̂ = z_i − a_ip v_p (the base
+output less key p) loses nothing to cancellation: each term is at most Σ_j a_ij |v_j|. For m_i, where a head
+may attend almost only to it and 1 − a_im or z_i − a_im v_m would cancel, the share is summed over the other
+keys directly, once per query; where it is so small (D < e^-60) that the float pattern may have rounded those
+weights to 0, it is read from their scores instead (log D as their log-sum-exp less ℓ_i, R̂ as their softmax
+times v), so that a new key scored far below the old one still gets the right answer, not 0 / 0.
+ℓ_i = s_im − log a_im (a_im ≥ 1/(i + 1): exact to rounding). The query at p itself changes too; `query_row`
+recomputes that one row.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ class LeaveOneOut:
     a: Float[Tensor, "pos batch nq head"]  # the base pattern of the queries, key-major
     lse: Float[Tensor, "batch nq head"]  # ℓ_i
     top: Int[Tensor, "batch nq head"]  # m_i: each query's most attended key
-    top_a: Float[Tensor, "batch nq head"]  # a_im
-    top_v: Float[Tensor, "batch nq head d_head"]  # v_m
+    z: Float[Tensor, "batch nq head d_head"]  # z_i, the base output
     top_rest_z: Float[Tensor, "batch nq head d_head"]  # R̂[i, m_i]
     top_log_rest: Float[Tensor, "batch nq head"]  # log D[i, m_i] (−inf: no other key)
     scale: float
@@ -73,8 +72,8 @@ class LeaveOneOut:
             exact_log, exact_z = _share_from_scores(scores, top, v)
             log_rest, rest_z = torch.where(lost, exact_log, log_rest), torch.where(lost[..., None], exact_z, rest_z)
         return cls(q_pos=q_pos, q=q_at, v=v, a=a.permute(3, 0, 2, 1).contiguous(), lse=query_major(lse),
-                   top=query_major(top), top_a=query_major(top_a), top_v=query_major(at_top(v)),
-                   top_rest_z=query_major(rest_z), top_log_rest=query_major(log_rest), scale=scale)
+                   top=query_major(top), z=query_major(a @ v.transpose(1, 2)), top_rest_z=query_major(rest_z),
+                   top_log_rest=query_major(log_rest), scale=scale)
 
     def replace_key(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"],
                     v_new: Float[Tensor, "k batch head d_head"], first: int = 0
@@ -82,14 +81,13 @@ class LeaveOneOut:
         """The output of the queries `first`.. when component k replaces key and value at position p[k]
         (queries unchanged; queries before p[k] cannot see it and keep their base output, to rounding)."""
         w_rest, w_new, a_p, top = self._weights(p, k_new, first)
-        # z' = R̂ w_rest + v'_p w_new, with R̂ = (D_m R̂_m + a_m v_m − a_p v_p) / (1 − a_p) where p is not the top
-        # key m, R̂_m where it is
-        per_d = w_rest.mul_(torch.rsub(a_p, 1.0).reciprocal_().masked_fill_(top, 1.0))  # w_rest / D off the top
-        d_top = self.top_log_rest[:, first:].exp()  # D_m (0 where it underflows: only its log is exact)
-        z = self.top_rest_z[:, first:] * torch.where(top, 1.0, d_top).mul_(per_d)[..., None]
-        z.addcmul_(self.top_v[:, first:], self.top_a[:, first:].masked_fill(top, 0.0).mul_(per_d)[..., None])
+        # z' = R̂ w_rest + v'_p w_new, with R̂ = (z_i − a_p v_p) / (1 − a_p) where p is not the top key m, R̂_m
+        # where it is (there 1 − a_p may be 0: its quotient is masked)
+        per_d = w_rest / torch.rsub(a_p, 1.0)
+        z = self.z[:, first:] * per_d.masked_fill(top, 0.0)[..., None]
+        z.addcmul_(self.top_rest_z[:, first:], w_rest.masked_fill_(~top, 0.0)[..., None])
         v_p = self.v.index_select(1, p).movedim(1, 0)[:, :, None]  # k batch 1 head d_head
-        z.addcmul_(v_p, a_p.masked_fill_(top, 0.0).mul_(per_d).neg_()[..., None])
+        z.addcmul_(v_p, per_d.mul_(a_p).neg_().masked_fill_(top, 0.0)[..., None])
         return z.addcmul_(v_new[:, :, None], w_new[..., None])
 
     def _weights(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"], first: int

@@ -54,17 +54,11 @@ class LeaveOneOut:
         q_at = q[:, q_pos].transpose(1, 2).contiguous()  # batch head nq d_head
         a = pattern[:, :, q_pos]  # batch head nq key
         top_a, top = a.max(-1)
-        b, n_keys, h, _ = k.shape
-        rows_at_top = ((torch.arange(b, device=top.device)[:, None, None] * n_keys + top) * h
-                       + torch.arange(h, device=top.device)[None, :, None]).flatten()
-
-        def at_top(t: Tensor) -> Tensor:  # [batch, pos, head, d] -> its rows at each query's top key
-            return t.reshape(-1, t.shape[-1]).index_select(0, rows_at_top).view(*top.shape, t.shape[-1])
 
         def query_major(t: Tensor) -> Tensor:  # batch head nq ... -> batch nq head ..., contiguous, so that
             return t.transpose(1, 2).contiguous()  # per-component results come out contiguous too
 
-        lse = torch.einsum("bhid,bhid->bhi", q_at, at_top(k)) / scale - top_a.log()  # a_im ≥ 1/(i + 1): exact
+        lse = torch.einsum("bhid,bhid->bhi", q_at, _rows_at(k, top)) / scale - top_a.log()  # a_im ≥ 1/(i + 1)
         log_rest, rest_z = _share_from_pattern(a, top, v)
         lost = (log_rest < _LOST) & (q_pos > 0)  # the other keys' weights underflow: read their scores
         if bool(lost.any()):
@@ -109,6 +103,15 @@ class LeaveOneOut:
 
 
 _LOST = -60.0  # log D below which the pattern's weights of the other keys may have underflowed (float32)
+
+
+def _rows_at(t: Float[Tensor, "batch pos head d"], key: Int[Tensor, "batch head nq"]
+             ) -> Float[Tensor, "batch head nq d"]:
+    """t's row at position key[b, h, i] of batch b and head h, for every query i (one index_select)."""
+    b, n_keys, h, d = t.shape
+    rows = (torch.arange(b, device=key.device)[:, None, None] * n_keys + key) * h
+    rows += torch.arange(h, device=key.device)[None, :, None]
+    return t.reshape(-1, d).index_select(0, rows.flatten()).view(*key.shape, d)
 
 
 def _hidden(n_keys: int, q_pos: Int[Tensor, " nq"]) -> Tensor:

@@ -29,6 +29,7 @@ from transformer_lens import TransformerBridge
 
 from circuits.activations.key_update import LeaveOneOut, query_row
 from circuits.allocator import settle_allocator
+from circuits.causal import causal_bias
 from circuits.model_cache import cached_read
 
 _GPT2 = "GPT2LMHeadModel"
@@ -197,12 +198,6 @@ def project_normed(w: Weights, layer: int, xn: Float[Tensor, "*lead d_model"], w
     return out.view(*xn.shape[:-1], H, d)
 
 
-def causal_bias(n_keys: int, q_pos: Int[Tensor, " nq"], like: Tensor) -> Float[Tensor, "nq key"]:
-    """0 where the query at q_pos[i] sees key j (j ≤ q_pos[i]), −inf where it does not."""
-    hidden = torch.arange(n_keys, device=like.device)[None, :] > q_pos.to(like.device)[:, None]
-    return torch.zeros(hidden.shape, dtype=like.dtype, device=like.device).masked_fill_(hidden, float("-inf"))
-
-
 def _batched(t: Tensor, lead: torch.Size) -> Float[Tensor, "n rows cols"]:
     return t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
 
@@ -210,7 +205,7 @@ def _batched(t: Tensor, lead: torch.Size) -> Float[Tensor, "n rows cols"]:
 def attention_pattern(w: Weights, q: Float[Tensor, "*lead nq d_head"], k: Float[Tensor, "*lead pos d_head"],
                       q_pos: Int[Tensor, " nq"]) -> Float[Tensor, "*lead nq pos"]:
     """Causal softmax attention of queries (at positions `q_pos`) over keys 0..pos-1; masked entries are 0."""
-    bias = causal_bias(k.shape[-2], q_pos, q)
+    bias = causal_bias(q_pos.to(q.device), k.shape[-2], q.dtype)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     scores = torch.baddbmm(bias, _batched(q, lead), _batched(k, lead).transpose(-1, -2), alpha=1.0 / w.attn_scale)
     return scores.softmax(-1).view(*lead, *bias.shape)  # exp(-inf) = 0: masked entries are 0
@@ -222,7 +217,7 @@ def attention_values(w: Weights, q: Float[Tensor, "*lead nq d_head"], k: Float[T
     """z of causal softmax attention (queries at `q_pos`) without returning the pattern, which is formed
     key-major ([..., key, query]): a softmax along keys with the queries contiguous is vectorised across
     queries (on a CPU 1.7× faster than along rows of a few dozen keys; the products are faster too)."""
-    bias = causal_bias(k.shape[-2], q_pos, q).T
+    bias = causal_bias(q_pos.to(q.device), k.shape[-2], q.dtype).T
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     scores = torch.baddbmm(bias, _batched(k, lead), _batched(q, lead).transpose(-1, -2), alpha=1.0 / w.attn_scale)
     return torch.bmm(scores.softmax(-2).transpose(-1, -2), _batched(v, lead)).view(*lead, len(q_pos), v.shape[-1])

@@ -28,6 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.causal import hidden_keys
+
 
 @dataclass(frozen=True, eq=False)
 class LeaveOneOut:
@@ -62,7 +64,7 @@ class LeaveOneOut:
         log_rest, rest_z = _share_from_pattern(a, top, v)
         lost = (log_rest < _LOST) & (q_pos > 0)  # the other keys' weights underflow: read their scores
         if bool(lost.any()):
-            scores = (q_at @ k.permute(0, 2, 3, 1) / scale).masked_fill_(_hidden(k.shape[1], q_pos), float("-inf"))
+            scores = (q_at @ k.permute(0, 2, 3, 1) / scale).masked_fill_(hidden_keys(q_pos, k.shape[1]), float("-inf"))
             exact_log, exact_z = _share_from_scores(scores, top, v)
             log_rest, rest_z = torch.where(lost, exact_log, log_rest), torch.where(lost[..., None], exact_z, rest_z)
         return cls(q_pos=q_pos, q=q_at, v=v, a=a.permute(3, 0, 2, 1).contiguous(), lse=query_major(lse),
@@ -114,10 +116,6 @@ def _rows_at(t: Float[Tensor, "batch pos head d"], key: Int[Tensor, "batch head 
     return t.reshape(-1, d).index_select(0, rows.flatten()).view(*key.shape, d)
 
 
-def _hidden(n_keys: int, q_pos: Int[Tensor, " nq"]) -> Tensor:
-    return torch.arange(n_keys, device=q_pos.device)[None, :] > q_pos[:, None]
-
-
 def _share_from_pattern(a: Float[Tensor, "batch head nq key"], top: Int[Tensor, "batch head nq"],
                         v: Float[Tensor, "batch key head d_head"]
                         ) -> tuple[Float[Tensor, "batch head nq"], Float[Tensor, "batch head nq d_head"]]:
@@ -148,7 +146,7 @@ def query_row(p: Int[Tensor, " k"], q_new: Float[Tensor, "k batch head d_head"],
     at_p = (keys[None, :] == p[:, None])[:, None, None, :]  # k 1 1 key
     scores = torch.where(at_p, torch.einsum("kbhd,kbhd->kbh", q_new, k_new)[..., None],
                          torch.einsum("kbhd,bjhd->kbhj", q_new, k)) / scale
-    a = scores.masked_fill((keys[None, :] > p[:, None])[:, None, None, :], float("-inf")).softmax(-1)
+    a = scores.masked_fill(hidden_keys(p, k.shape[1])[:, None, None, :], float("-inf")).softmax(-1)
     a_p = a.gather(-1, p[:, None, None, None].expand(*a.shape[:-1], 1))
     v_p = v.index_select(1, p).movedim(1, 0)
     return torch.einsum("kbhj,bjhd->kbhd", a, v) + a_p * (v_new - v_p)

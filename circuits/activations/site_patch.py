@@ -14,6 +14,7 @@ from torch import Tensor
 
 from circuits.activations import engine
 from circuits.activations.sites import Components, Site
+from circuits.causal import hidden_keys
 
 
 def patched_resid(r: engine.Resume, src: engine.Run, site: Site, c: Components
@@ -95,7 +96,7 @@ def _row_pattern(w: engine.Weights, q_row: Float[Tensor, "k batch d"], k_h: Floa
                  p: Int[Tensor, " k"]) -> Float[Tensor, "k batch pos"]:
     """One query's causal attention pattern per component (query k at position p[k])."""
     scores = torch.einsum("kbd,kbsd->kbs", q_row, k_h) / w.attn_scale
-    masked = (torch.arange(k_h.shape[-2], device=p.device)[None, :] > p[:, None])[:, None, :]
+    masked = hidden_keys(p, k_h.shape[-2])[:, None, :]
     return scores.masked_fill(masked, float("-inf")).softmax(-1).masked_fill(masked, 0.0)
 
 

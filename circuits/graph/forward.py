@@ -26,6 +26,7 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.allocator import settle_allocator
+from circuits.causal import causal_bias
 from circuits.model_cache import cached_read
 
 
@@ -245,13 +246,6 @@ def _per_head(x: Float[Tensor, "*k h batch pos d_in"], W: Float[Tensor, "h d_in 
     lead = x.shape[:-3]
     y = x.reshape(*lead, x.shape[-3] * x.shape[-2], x.shape[-1]) @ W
     return y.view(*lead, x.shape[-3], x.shape[-2], W.shape[-1])
-
-
-def causal_bias(q_pos: Int[Tensor, " nq"], n_keys: int, dtype: torch.dtype) -> Float[Tensor, "nq n_keys"]:
-    """0 where a query may attend to a key (key position <= query position), -inf elsewhere."""
-    keys = torch.arange(n_keys, device=q_pos.device)
-    return torch.zeros(len(q_pos), n_keys, dtype=dtype, device=q_pos.device).masked_fill(
-        keys[None, :] > q_pos[:, None], float("-inf"))
 
 
 def mlp(w: NativeWeights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:

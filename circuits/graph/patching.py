@@ -26,7 +26,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.graph.forward import NativeWeights, attend, causal_bias, embed, mlp, shared_forward, unembed
+from circuits.causal import causal_bias
+from circuits.graph.forward import NativeWeights, attend, embed, mlp, shared_forward, unembed
 from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.tasks.task import Task
 

@@ -30,7 +30,7 @@ def test_replace_key_and_query_row_equal_recomputed_attention():
         P = q.shape[1]
         pos = torch.arange(P)
         z, a = _attention(q, k, v, pos, scale)
-        loo = LeaveOneOut.of(q.float(), k.float(), v.float(), a.float(), pos, scale)
+        loo = LeaveOneOut.of(q.float(), k.float(), v.float(), z.float(), a.float(), pos, scale)
         p = torch.tensor([0, 3, 3, 8, 5])
         K = len(p)
         k_new, v_new, q_new = (torch.randn(K, q.shape[0], q.shape[2], q.shape[3], generator=gen,
@@ -53,7 +53,7 @@ def test_replace_key_from_a_later_query():
     q, k, v, gen = _sharp_run(1, 5.0)
     pos = torch.arange(q.shape[1])
     z, a = _attention(q, k, v, pos, 1.5)
-    loo = LeaveOneOut.of(q.float(), k.float(), v.float(), a.float(), pos, 1.5)
+    loo = LeaveOneOut.of(q.float(), k.float(), v.float(), z.float(), a.float(), pos, 1.5)
     p = torch.tensor([4, 6])
     k_new = torch.randn(2, q.shape[0], q.shape[2], q.shape[3], generator=gen)
     v_new = torch.randn(2, q.shape[0], q.shape[2], q.shape[3], generator=gen)
@@ -73,7 +73,7 @@ def test_replacing_the_key_a_head_attends_to_almost_alone():
     v = torch.randn(1, P, 1, P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     pos = torch.arange(P)
     z, a = _attention(q, k, v, pos, scale)
-    loo = LeaveOneOut.of(q.float(), k.float(), v.float(), a.float(), pos, scale)
+    loo = LeaveOneOut.of(q.float(), k.float(), v.float(), z.float(), a.float(), pos, scale)
     k_new = -40.0 * torch.eye(P, dtype=torch.float64)[2][None, None, None]  # score -40
     v_new = torch.randn(1, 1, 1, P, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     k2, v2 = k.clone(), v.clone()
@@ -100,7 +100,7 @@ def test_replacing_the_key_a_head_attends_to_alone_in_float32():
     pos = torch.arange(P)
     z, a = _attention(q, k, v, pos, 1.0)
     assert a.float()[0, 0, 2:, [0, 2, 3]].max() == 0  # the set-up is what it says
-    loo = LeaveOneOut.of(q.float(), k.float(), v.float(), a.float(), pos, 1.0)
+    loo = LeaveOneOut.of(q.float(), k.float(), v.float(), z.float(), a.float(), pos, 1.0)
     v_new = torch.randn(1, 1, 1, P, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     for new_score in (-150.0, -250.0):
         k_new = (new_score * torch.eye(P, dtype=torch.float64)[1])[None, None, None]

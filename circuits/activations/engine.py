@@ -371,8 +371,8 @@ class Resume:
         """The base run's layer `layer`, ready to have one key replaced (see `key_update`)."""
         if layer not in self._loo:
             base = self.base
-            self._loo[layer] = LeaveOneOut.of(base.q[layer], base.k[layer], base.v[layer], base.pattern[layer],
-                                              self.query_positions(layer), self.w.attn_scale)
+            self._loo[layer] = LeaveOneOut.of(base.q[layer], base.k[layer], base.v[layer], base.z[layer],
+                                              base.pattern[layer], self.query_positions(layer), self.w.attn_scale)
         return self._loo[layer]
 
     def from_resid(self, layer: int, x: Float[Tensor, "k batch suffix d_model"], start: int = 0

@@ -35,7 +35,7 @@ from circuits.causal import hidden_keys
 class LeaveOneOut:
     """One layer of a base run, seen from queries at `q_pos`, ready to have any one key replaced.
 
-    Example: `loo = LeaveOneOut.of(run.q[0], run.k[0], run.v[0], run.pattern[0], pos, scale)`"""
+    Example: `loo = LeaveOneOut.of(run.q[0], run.k[0], run.v[0], run.z[0], run.pattern[0], pos, scale)`"""
 
     q_pos: Int[Tensor, " nq"]
     q: Float[Tensor, "batch head nq d_head"]  # head-major, for one batched product with the new keys
@@ -50,9 +50,9 @@ class LeaveOneOut:
 
     @classmethod
     def of(cls, q: Float[Tensor, "batch pos head d_head"], k: Float[Tensor, "batch pos head d_head"],
-           v: Float[Tensor, "batch pos head d_head"], pattern: Float[Tensor, "batch head pos pos"],
-           q_pos: Int[Tensor, " nq"], scale: float) -> LeaveOneOut:
-        """From a layer's cached q, k, v and pattern (TransformerLens layouts)."""
+           v: Float[Tensor, "batch pos head d_head"], z: Float[Tensor, "batch pos head d_head"],
+           pattern: Float[Tensor, "batch head pos pos"], q_pos: Int[Tensor, " nq"], scale: float) -> LeaveOneOut:
+        """From a layer's cached q, k, v, z and pattern (TransformerLens layouts)."""
         q_at = q[:, q_pos].transpose(1, 2).contiguous()  # batch head nq d_head
         a = pattern[:, :, q_pos]  # batch head nq key
         top_a, top = a.max(-1)
@@ -68,7 +68,7 @@ class LeaveOneOut:
             exact_log, exact_z = _share_from_scores(scores, top, v)
             log_rest, rest_z = torch.where(lost, exact_log, log_rest), torch.where(lost[..., None], exact_z, rest_z)
         return cls(q_pos=q_pos, q=q_at, v=v, a=a.permute(3, 0, 2, 1).contiguous(), lse=query_major(lse),
-                   top=query_major(top), z=query_major(a @ v.transpose(1, 2)), top_rest_z=query_major(rest_z),
+                   top=query_major(top), z=z[:, q_pos].contiguous(), top_rest_z=query_major(rest_z),
                    top_log_rest=query_major(log_rest), scale=scale)
 
     def replace_key(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"],

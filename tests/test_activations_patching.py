@@ -232,7 +232,7 @@ def test_custom_metric_matches_transformer_lens(tiny2, task):
 
 def _sharp_model(dtype: torch.dtype):
     """Queries scaled up until most heads attend almost only to one key: the case where the one-key update
-    must not compute the other keys' share as z − a_p v_p (it would cancel)."""
+    must not compute the other keys' share as z − a_p v_p when p is that key (it would cancel)."""
     model = build(ModelSpec(2, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from circuits.activations import engine
+from circuits.causal import causal_bias, hidden_keys
 from circuits.models import attn_only
 
 
@@ -45,3 +46,12 @@ def test_add_attn_output_equals_the_residual_plus_the_output(w):
     assert ours.shape == (5, 2, 7, m)
     assert (ours.double() - expected).abs().max() < 1e-5 * expected.abs().max()
     assert torch.allclose(ours, engine.attn_output(w, 1, z) + resid, atol=1e-5)
+
+
+def test_causal_mask_is_the_upper_triangle_at_the_query_positions():
+    P = 6
+    q_pos = torch.tensor([0, 3, 5])
+    upper = torch.ones(P, P, dtype=torch.bool).triu(1)  # key j after query i
+    assert torch.equal(hidden_keys(q_pos, P), upper[q_pos])
+    bias = causal_bias(q_pos, P, torch.float64)
+    assert torch.equal(bias.isinf(), upper[q_pos]) and bool((bias[~upper[q_pos]] == 0).all())

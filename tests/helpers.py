@@ -29,8 +29,8 @@ def reference_acdc(model, task, *, threshold, metric="kl", ablation="resample", 
     current = float(loss(p.run(mask[None]))[0])
     n_forwards = 1
     for d in reversed(range(g.n_destinations)):
-        node = g.source_index_of_destination(d)
-        if node is not None and not mask[node].any():
+        nodes = g.sources_of_destination(d)
+        if nodes and not mask[nodes].any():
             mask[:, d] = False
             continue
         sources = mask[:, d].nonzero().flatten().tolist()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from circuits.activations import engine
-from circuits.causal import causal_bias, hidden_keys
+from circuits.engine import causal_bias, hidden_keys
 from circuits.models import attn_only
 
 

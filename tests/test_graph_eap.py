@@ -201,10 +201,10 @@ def split_input_gradients(model, task, emb_rows):
 @pytest.mark.parametrize("model_name", ["tiny2", "tiny2_noln"])
 def test_dense_gradients_equal_autograd_through_split_inputs(request, task24, model_name):
     from circuits.graph.eap import factored_gradients
-    from circuits.graph.forward import NativeWeights, embed
+    from circuits.graph.forward import Weights, embed
 
     model = request.getfixturevalue(model_name)
-    w, g = NativeWeights.of(model), ComputeGraph.of(model)
+    w, g = Weights.of(model), ComputeGraph.of(model)
     emb = torch.stack([embed(w, task24.clean), 0.5 * embed(w, task24.corrupted)])  # two rows, summed
     ours = factored_gradients(w, g, emb, task24.positions, task24, None)[1].dense(w, g)
     reference = split_input_gradients(model, task24, emb)
@@ -214,11 +214,11 @@ def test_dense_gradients_equal_autograd_through_split_inputs(request, task24, mo
 
 def test_dense_gradients_with_mlps(task24):
     from circuits.graph.eap import factored_gradients
-    from circuits.graph.forward import NativeWeights, embed
+    from circuits.graph.forward import Weights, embed
     from circuits.models import ModelSpec, build
 
     model = build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
-    w, g = NativeWeights.of(model), ComputeGraph.of(model)
+    w, g = Weights.of(model), ComputeGraph.of(model)
     emb = embed(w, task24.clean)[None]
     ours = factored_gradients(w, g, emb, task24.positions, task24, None)[1].dense(w, g)
     reference = split_input_gradients(model, task24, emb)
@@ -230,14 +230,14 @@ def test_edge_scores_equal_dense_gradient_contraction(request, task24, model_nam
     """EAP moves each LayerNorm's Jacobian from the destinations' gradients onto the source differences; the
     scores must equal Σ diff_s · (dense gradient at d's input), with several runs (the k rows of EAP-IG)."""
     from circuits.graph.eap import edge_scores, factored_gradients
-    from circuits.graph.forward import NativeWeights, embed, shared_forward
+    from circuits.graph.forward import Weights, embed, shared_forward
     from circuits.models import ModelSpec, build
 
     if model_name == "mlp3":
         model = build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
     else:
         model = request.getfixturevalue(model_name)
-    w, g = NativeWeights.of(model), ComputeGraph.of(model)
+    w, g = Weights.of(model), ComputeGraph.of(model)
     clean, corrupted = embed(w, task24.clean), embed(w, task24.corrupted)
     emb = torch.stack([clean, 0.5 * (clean + corrupted), corrupted])  # three runs, summed
     _, grads = factored_gradients(w, g, emb, task24.positions, task24, None)

@@ -57,7 +57,7 @@ def test_empty_circuit_is_the_ablated_run(request, task24, model_name):
     out = p.run(none)[0]
     w = p.weights
     bias = w.b_O.sum(0) + (w.b_out.sum(0) if w.has_mlp else 0)
-    expected = F.layer_norm(bias, bias.shape, *w.ln_final, w.eps) @ w.W_U + w.b_U
+    expected = F.layer_norm(bias, bias.shape, w.ln_final.weight, w.ln_final.bias, w.ln_final.eps) @ w.W_U + w.b_U
     assert (out - expected).abs().max() < 1e-5
 
 

@@ -98,7 +98,7 @@ def _runs(task: Task, direction: str) -> tuple[Tensor, Tensor]:
 
 
 def _weights_grads(model, task, site, direction, custom):
-    w = engine.Weights.of(model)
+    w = engine.weights_of(model)
     dev = w.W_E.device
     base_tokens, src_tokens = (t.to(dev) for t in _runs(task, direction))
     with torch.no_grad():

@@ -10,7 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.activations.final_ln import FinalNorm
+from circuits.engine import final_norm
 from circuits.results import LabelledResult, head_labels, head_name, layer_labels
 
 
@@ -54,11 +54,11 @@ def direct_logit_attribution(
     pos = _positions(positions, n_pos)
     answers = _per_position(answers, batch, len(pos), "answers")
     wrong = None if wrong_answers is None else _per_position(wrong_answers, batch, len(pos), "wrong_answers")
-    norm = FinalNorm.of(model)
+    norm = final_norm(model)
     parts, names, logits, scale = _decomposed_residual(model, tokens, pos)
     direction = _unembed_direction(model, answers, wrong)  # [batch, n, d_model]
-    contrib = torch.einsum("cbnm,bnm->c", norm.centre(parts) / scale * norm.weight, direction) / (batch * len(pos))
-    bias = float(torch.einsum("m,bnm->", norm.bias if norm.kind else torch.zeros_like(norm.bias), direction)
+    contrib = torch.einsum("cbnm,bnm->c", norm.linear_part(parts) / scale, direction) / (batch * len(pos))
+    bias = float(torch.einsum("m,bnm->", norm.offset() + torch.zeros_like(direction[0, 0]), direction)
                  / (batch * len(pos)) + _bias_u(model, answers, wrong))
     total = float(_gather(logits, answers, wrong))
     values, dims, labels = _group(contrib, names, by, model.cfg.n_layers, model.cfg.n_heads)

@@ -1,13 +1,9 @@
-"""The forward pass of a bridge computed from its weights, in pieces that patched runs can resume from.
+"""Patched runs of activation patching, resumable from any layer, on the engine's forward (`circuits.engine`).
 
-`Weights.of(model)` reads the bridge's stacked weights (`W_Q, W_K, W_V, W_O, b_*, W_in, W_out, W_E, W_pos,
-W_U, b_U`) and LayerNorm parameters. Two families are supported: native bridges (`boot_native`, as built by
-`circuits.models`) and GPT-2 wrapped by `boot_transformers`. Both are pre-LayerNorm transformers with learned
-absolute positions, causal softmax attention with scores divided by `attn_scale`, and (optionally) an MLP
-`W_out·act(W_in·ln2(x) + b_in) + b_out`; the final LayerNorm is followed by `W_U` and `b_U`. Anything else
-raises a ValueError (callers fall back to hooks).
-
-`Weights.of` is cached per model while its parameters are unchanged (`circuits.model_cache`).
+The weights, the supported architectures and the primitives (norms, projections, MLPs, embed, unembed) are the
+engine's (`circuits.engine.Weights.of`). The patched runs here need learned positions, one key/value head per
+head, sequential blocks and causal attention (`unsupported` says which of these a model lacks; callers fall
+back to hooks).
 
 `Run` holds every activation of one unpatched forward. `Resume` continues a forward from a stack of K
 modified states ([K, batch, ...]) and reads out only the residual stream at the positions the metric reads:
@@ -18,184 +14,53 @@ and the last layer computes queries, attention output and MLP at the read positi
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
+from circuits import engine as core
 from circuits.activations.key_update import LeaveOneOut, query_row
-from circuits.allocator import settle_allocator
-from circuits.causal import causal_bias
-from circuits.model_cache import cached_read
+from circuits.engine import Weights, causal_bias, mlp_output, project_normed, unembed
 
-_GPT2 = "GPT2LMHeadModel"
-_NATIVE = "TransformerLensNative"
+__all__ = ["FinalRows", "Resume", "Run", "Weights", "add_attn_output", "attend", "attention_pattern",
+           "attention_values", "attn_output", "ln1", "mlp_output", "project_normed", "run", "run_pair", "unembed",
+           "unsupported", "weights_of"]
+
 _KV_BLOCK_BYTES = 2**20  # keys and values projected per block of output: a block and its input fit an L2 cache
-
-
-@dataclass(frozen=True, eq=False)
-class Weights:
-    """A supported bridge's weights, stacked TransformerLens-style (LayerNorm pairs are None without LN,
-    MLP weights None for attention-only models). Example: `w = Weights.of(model); w.W_Q.shape`"""
-
-    W_E: Float[Tensor, "vocab d_model"]
-    W_pos: Float[Tensor, "n_ctx d_model"]
-    W_Q: Float[Tensor, "layer head d_model d_head"]
-    W_K: Float[Tensor, "layer head d_model d_head"]
-    W_V: Float[Tensor, "layer head d_model d_head"]
-    W_O: Float[Tensor, "layer head d_head d_model"]
-    b_Q: Float[Tensor, "layer head d_head"]
-    b_K: Float[Tensor, "layer head d_head"]
-    b_V: Float[Tensor, "layer head d_head"]
-    b_O: Float[Tensor, "layer d_model"]
-    W_U: Float[Tensor, "d_model vocab_out"]
-    b_U: Float[Tensor, " vocab_out"]
-    ln1: list[tuple[Tensor, Tensor]] | None
-    ln2: list[tuple[Tensor, Tensor]] | None
-    ln_final: tuple[Tensor, Tensor] | None
-    W_in: Tensor | None
-    b_in: Tensor | None
-    W_out: Tensor | None
-    b_out: Tensor | None
-    act_fn: str | None
-    eps: float
-    attn_scale: float
-
-    @property
-    def n_layers(self) -> int:
-        return self.W_Q.shape[0]
-
-    @functools.cached_property
-    def W_KV(self) -> Float[Tensor, "layer d_model kv_head_d"]:
-        """Keys' and values' weights side by side ([d_model, 2 · head · d_head] per layer), for one product."""
-        L, H, m, d = self.W_K.shape
-        return torch.cat([self.W_K, self.W_V], 1).permute(0, 2, 1, 3).reshape(L, m, 2 * H * d)
-
-    @functools.cached_property
-    def b_KV(self) -> Float[Tensor, "layer kv_head_d"]:
-        return torch.cat([self.b_K, self.b_V], 1).flatten(1)
-
-    @property
-    def n_heads(self) -> int:
-        return self.W_Q.shape[1]
-
-    @property
-    def has_mlp(self) -> bool:
-        return self.W_in is not None
-
-    @classmethod
-    def of(cls, model: TransformerBridge) -> Weights:
-        """A supported bridge's weights, cached per model while its parameters are unchanged (see
-        `circuits.model_cache`); raises ValueError naming what is unsupported."""
-        settle_allocator()  # patched runs reuse freed memory instead of faulting it in again
-        return cached_read(model, "activations", cls.read)
-
-    @classmethod
-    def read(cls, model: TransformerBridge) -> Weights:
-        """Read a supported bridge's weights now (detached), bypassing the cache of `of`."""
-        problems = unsupported(model)
-        if problems:
-            raise ValueError("model: the weights engine does not support " + "; ".join(problems))
-        cfg = model.cfg
-        sd = model.state_dict()
-        L = cfg.n_layers
-        mlp = not cfg.attn_only
-
-        def d(t: Tensor) -> Tensor:
-            return t.detach()
-
-        def ln(name: str) -> list[tuple[Tensor, Tensor]] | None:
-            if cfg.normalization_type is None:
-                return None
-            return [(d(sd[f"blocks.{i}.{name}.weight"]), d(sd[f"blocks.{i}.{name}.bias"])) for i in range(L)]
-
-        with torch.no_grad():
-            return cls(
-                W_E=d(model.W_E), W_pos=d(model.W_pos), W_Q=d(model.W_Q), W_K=d(model.W_K), W_V=d(model.W_V),
-                W_O=d(model.W_O), b_Q=d(model.b_Q), b_K=d(model.b_K), b_V=d(model.b_V), b_O=d(model.b_O),
-                W_U=d(model.W_U), b_U=d(model.b_U),
-                ln1=ln("ln1"), ln2=ln("ln2") if mlp else None,
-                ln_final=None if cfg.normalization_type is None
-                else (d(sd["ln_final.weight"]), d(sd["ln_final.bias"])),
-                W_in=d(model.W_in) if mlp else None, b_in=d(model.b_in) if mlp else None,
-                W_out=d(model.W_out) if mlp else None, b_out=d(model.b_out) if mlp else None,
-                act_fn=(cfg.act_fn or "gelu").lower() if mlp else None,
-                eps=float(cfg.eps),
-                attn_scale=_attn_scale(model),
-            )
+_RESUMABLE = ("rotary positions", "grouped-query attention", "parallel attention and MLP", "bidirectional attention")
 
 
 def unsupported(model: TransformerBridge) -> list[str]:
-    """Why the weights engine cannot run `model` (empty when it can)."""
+    """Why the fast patched runs cannot run `model` (empty when they can): the engine's reasons
+    (`circuits.engine.unsupported`), then the features whose patched runs are not written yet (the one-key
+    update and the resumed layers assume learned positions, one key/value head per head, sequential blocks and
+    causal attention); callers fall back to the bridge's hooks."""
+    problems = core.unsupported(model)
+    if problems:
+        return problems
     cfg = model.cfg
-    arch = getattr(cfg, "architecture", None)
-    if arch not in (_NATIVE, _GPT2):
-        return [f"architecture {arch!r} (supported: native bridges and GPT-2)"]
-    problems = []
-    if cfg.normalization_type not in (None, "LN"):
-        problems.append(f"normalization_type={cfg.normalization_type!r}")
-    if (getattr(cfg, "positional_embedding_type", "standard") or "standard") != "standard":
-        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
-    if cfg.n_key_value_heads not in (None, cfg.n_heads):
-        problems.append("grouped-query attention")
-    if float(getattr(cfg, "attn_scores_soft_cap", -1.0)) > 0 or float(getattr(cfg, "output_logits_soft_cap", -1.0)) > 0:
-        problems.append("soft-capping")
-    if getattr(cfg, "gated_mlp", False) or getattr(cfg, "final_rms", False):
-        problems.append("gated MLP / final RMS")
-    if cfg.attention_dir != "causal":
-        problems.append(f"attention_dir={cfg.attention_dir!r}")
-    if not cfg.attn_only and (cfg.act_fn or "gelu").lower() not in _ACTS:
-        problems.append(f"act_fn={cfg.act_fn!r}")
-    if arch == _GPT2:
-        hf = model.original_model.config
-        if not getattr(hf, "scale_attn_weights", True) or getattr(hf, "scale_attn_by_inverse_layer_idx", False):
-            problems.append("GPT-2 attention scaling other than 1/sqrt(d_head)")
-    return problems
+    if cfg.n_layers == 0:
+        return ["a model without layers"]
+    w = Weights.of(model)
+    return [f"{feature} (activation patching's weights backend)" for feature in w.features() if feature in _RESUMABLE]
 
 
-def _attn_scale(model: TransformerBridge) -> float:
-    if model.cfg.architecture == _NATIVE:
-        return float(model.original_model.layers[0].attn.scale)
-    return float(model.cfg.d_head) ** 0.5
-
-
-_ACTS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
-# ---------------------------------------------------------------------------------------------- pieces
-
-
-def layer_norm(x: Float[Tensor, "*lead d_model"], params: tuple[Tensor, Tensor] | None, eps: float
-               ) -> Float[Tensor, "*lead d_model"]:
-    """The model's LayerNorm (identity without one)."""
-    if params is None:
-        return x
-    return F.layer_norm(x, (x.shape[-1],), params[0], params[1], eps)
+def weights_of(model: TransformerBridge) -> Weights:
+    """The engine's weights of a model the patched runs here support; a ValueError naming what is missing
+    otherwise (the hooks backend runs it). Example: `w = weights_of(model)`"""
+    problems = unsupported(model)
+    if problems:
+        raise ValueError("model: the weights backend does not support " + "; ".join(problems)
+                         + "; use backend='hooks'")
+    return Weights.of(model)
 
 
 def ln1(w: Weights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
-    """The attention block's LayerNorm (identity without one)."""
-    return layer_norm(x, None if w.ln1 is None else w.ln1[layer], w.eps)
-
-
-def project_normed(w: Weights, layer: int, xn: Float[Tensor, "*lead d_model"], which: str
-                   ) -> Float[Tensor, "*lead head d_head"]:
-    """q, k or v of every head from the normalised residual stream, as one matrix product."""
-    W = {"q": w.W_Q, "k": w.W_K, "v": w.W_V}[which][layer]
-    b = {"q": w.b_Q, "k": w.b_K, "v": w.b_V}[which][layer]
-    H, m, d = W.shape
-    out = torch.addmm(b.reshape(1, H * d), xn.reshape(-1, m), W.transpose(0, 1).reshape(m, H * d))
-    return out.view(*xn.shape[:-1], H, d)
+    """The attention block's normalisation (identity without one)."""
+    return w.ln1.at(layer)(x)
 
 
 def _batched(t: Tensor, lead: torch.Size) -> Float[Tensor, "n rows cols"]:
@@ -250,14 +115,6 @@ def add_attn_output(w: Weights, layer: int, z: Float[Tensor, "*lead head d_head"
     return out
 
 
-def mlp_output(w: Weights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
-    """The MLP's output `act(ln2(x) W_in + b_in) W_out + b_out` (zero for attention-only models)."""
-    if w.W_in is None:
-        return torch.zeros_like(x)
-    xn = layer_norm(x, None if w.ln2 is None else w.ln2[layer], w.eps)
-    return _ACTS[w.act_fn](xn @ w.W_in[layer] + w.b_in[layer]) @ w.W_out[layer] + w.b_out[layer]
-
-
 # ---------------------------------------------------------------------------------------------- a full run
 
 
@@ -293,7 +150,7 @@ class Run:
 def run(w: Weights, tokens: Int[Tensor, "batch pos"]) -> Run:
     """One forward pass keeping every activation (differentiable when grad is enabled)."""
     P = tokens.shape[1]
-    x = w.W_E[tokens.to(w.W_E.device)] + w.W_pos[:P]
+    x = core.embed(w, tokens).sum(0)
     pos = torch.arange(P, device=x.device)
     acts: dict[str, list[Tensor]] = {k: [] for k in ("resid_pre", "q", "k", "v", "pattern", "z", "attn_out",
                                                      "resid_mid", "mlp_out")}
@@ -319,11 +176,6 @@ def run_pair(w: Weights, a: Int[Tensor, "batch pos"], b: Int[Tensor, "batch pos"
     first = Run(**{k: [x for x, _ in v] for k, v in halves.items()}, final=both.final[:n])
     second = Run(**{k: [y for _, y in v] for k, v in halves.items()}, final=both.final[n:])
     return first, second
-
-
-def unembed(w: Weights, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab_out"]:
-    """ln_final then the unembedding."""
-    return layer_norm(resid, w.ln_final, w.eps) @ w.W_U + w.b_U
 
 
 # ---------------------------------------------------------------------------------------------- resuming

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.causal import hidden_keys
+from circuits.engine.primitives import hidden_keys
 
 
 @dataclass(frozen=True, eq=False)

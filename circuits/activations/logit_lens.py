@@ -9,8 +9,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.activations.final_ln import FinalNorm
 from circuits.activations.sites import token_labels
+from circuits.engine import final_norm
 from circuits.results import LabelledResult
 
 
@@ -53,4 +53,4 @@ def logit_lens(model: TransformerBridge, tokens: Int[Tensor, "batch pos"]) -> Le
 
 def lens_logits(model: TransformerBridge, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab"]:
     """ln_final with the scale recomputed from `resid` itself, then W_U and b_U."""
-    return FinalNorm.of(model).apply(resid) @ model.W_U.detach() + model.b_U.detach()
+    return final_norm(model)(resid) @ model.W_U.detach() + model.b_U.detach()

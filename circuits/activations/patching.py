@@ -150,7 +150,7 @@ def _chunk_bytes(w: engine.Weights) -> int:
 
 
 def _run_weights(model, task, site, comps, direction, custom, batch_limit, memory_mb, progress, out):
-    w = engine.Weights.of(model)
+    w = engine.weights_of(model)
     device = w.W_E.device
     P = task.seq_len
     keep = P if custom is not None else int(task.positions.max()) + 1  # later positions cannot reach the metric

@@ -71,7 +71,7 @@ class Reader:
                     offset: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
         """ln_final(resid) · (W_U[:, answer] − W_U[:, wrong]) + b_U[answer] − b_U[wrong], broadcast over leading
         dims (resid [*k, batch, n] against direction [batch, n], or rows [k, batch] against [k, batch])."""
-        return torch.linalg.vecdot(engine.layer_norm(resid, self.w.ln_final, self.w.eps), direction) + offset
+        return torch.linalg.vecdot(self.w.ln_final(resid), direction) + offset
 
     def _score_rows(self, r: engine.FinalRows) -> Float[Tensor, " k"]:
         """Scores when each run differs from the base at one read position: only that position is read."""

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from circuits.activations import engine
 from circuits.activations.sites import Components, Site
-from circuits.causal import hidden_keys
+from circuits.engine.primitives import hidden_keys
 
 
 def patched_resid(r: engine.Resume, src: engine.Run, site: Site, c: Components

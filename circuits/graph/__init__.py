@@ -31,7 +31,6 @@ from circuits.graph.acdc import ACDCResult, acdc, prune_dead_ends
 from circuits.graph.circuit import Circuit, top_n_mask
 from circuits.graph.eap import EAPResult, eap
 from circuits.graph.faithfulness import Faithfulness, FaithfulnessCurve, Roc, faithfulness, faithfulness_curve, roc
-from circuits.graph.forward import NativeWeights
 from circuits.graph.incremental import CircuitState, circuit_state, commit_column, evaluate_column
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph, Edge, Node, NodeKind, attn_only_edge_count
@@ -40,7 +39,7 @@ from circuits.graph.patching import Ablation, EdgePatcher, patch_edges
 __all__ = [
     "ACDCResult", "Ablation", "Circuit", "CircuitState", "ComputeGraph", "circuit_state", "commit_column",
     "evaluate_column", "EAPResult", "Edge", "EdgePatcher",
-    "Faithfulness", "FaithfulnessCurve", "GraphMetric", "NativeWeights", "Node", "NodeKind", "Roc", "acdc",
+    "Faithfulness", "FaithfulnessCurve", "GraphMetric", "Node", "NodeKind", "Roc", "acdc",
     "attn_only_edge_count", "eap", "faithfulness", "faithfulness_curve", "patch_edges", "prune_dead_ends",
     "resolve_metric", "roc", "top_n_mask",
 ]

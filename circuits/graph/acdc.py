@@ -150,8 +150,8 @@ class _Walk:
 
     def skip_unused(self, d: int) -> bool:
         """Drop the incoming edges of a destination whose node no longer reaches the output; True if dropped."""
-        node = self.graph.source_index_of_destination(d)
-        if node is None or self.state.mask[node].any():
+        nodes = self.graph.sources_of_destination(d)
+        if not nodes or self.state.mask[nodes].any():
             return False
         if self.state.mask[:, d].any():  # the run cannot change: only edges into an unused node go
             mask = self.state.mask.clone()
@@ -295,12 +295,12 @@ def prune_dead_ends(mask: Bool[Tensor, "n_src n_dst"], graph: ComputeGraph) -> B
     logits. Heads that keep an output edge but lost every input stay (their output from ablated inputs is
     part of what ACDC measured)."""
     mask = mask.clone()
-    node_of = [graph.source_index_of_destination(d) for d in range(graph.n_destinations)]
+    nodes_of = [graph.sources_of_destination(d) for d in range(graph.n_destinations)]
     changed = True
     while changed:
         changed = False
-        for d, node in enumerate(node_of):
-            if node is not None and not mask[node].any() and mask[:, d].any():
+        for d, nodes in enumerate(nodes_of):
+            if nodes and not mask[nodes].any() and mask[:, d].any():
                 mask[:, d] = False
                 changed = True
     return mask

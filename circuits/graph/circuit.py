@@ -82,10 +82,11 @@ class Circuit:
             _add_node(g, e.destination)
             score = float(self.scores[e.src, e.dst])
             g.add_edge(e.source.name, e.destination.name, score=score, qkv=e.destination.qkv, kind="residual")
-            if e.destination.kind is NodeKind.HEAD_INPUT:
-                head = e.destination.name.rsplit(".", 1)[0]
-                g.add_node(head, kind=NodeKind.HEAD.value, layer=e.destination.layer, head=e.destination.head)
-                g.add_edge(e.destination.name, head, score=math.nan, qkv=e.destination.qkv, kind="internal")
+            if e.destination.kind is NodeKind.HEAD_INPUT:  # a shared k or v input feeds each head of its group
+                for src in self.graph.sources_of_destination(e.dst):
+                    head = self.graph.sources[src]
+                    g.add_node(head.name, kind=NodeKind.HEAD.value, layer=head.layer, head=head.head)
+                    g.add_edge(e.destination.name, head.name, score=math.nan, qkv=e.destination.qkv, kind="internal")
         return g
 
     @classmethod
@@ -112,6 +113,7 @@ class Circuit:
         return {
             "format_version": FORMAT_VERSION,
             "n_layers": self.graph.n_layers, "n_heads": self.graph.n_heads, "has_mlp": self.graph.has_mlp,
+            "n_kv_heads": self.graph.kv_heads, "pos_embed": self.graph.pos_embed, "parallel": self.graph.parallel,
             "sources": list(self.graph.source_names), "destinations": list(self.graph.destination_names),
             "scores": [[None if math.isnan(x) else x for x in row] for row in self.scores.double().tolist()],
             "members": [[int(x) for x in row] for row in self.members.tolist()],
@@ -123,7 +125,9 @@ class Circuit:
     def from_json(cls, data: dict[str, Any]) -> Circuit:
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"circuit JSON: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
-        graph = ComputeGraph.build(data["n_layers"], data["n_heads"], has_mlp=data["has_mlp"])
+        graph = ComputeGraph.build(data["n_layers"], data["n_heads"], has_mlp=data["has_mlp"],
+                                   n_kv_heads=data.get("n_kv_heads"), pos_embed=data.get("pos_embed", True),
+                                   parallel=data.get("parallel", False))
         if list(graph.source_names) != data["sources"] or list(graph.destination_names) != data["destinations"]:
             raise ValueError("circuit JSON: node names do not match the graph its shape describes")
         rows = [[math.nan if x is None else x for x in row] for row in data["scores"]]

@@ -24,15 +24,9 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
+from circuits.engine import Weights
 from circuits.graph.circuit import Circuit, top_edges
-from circuits.graph.forward import (
-    NativeWeights,
-    SharedRun,
-    embed,
-    layer_norm_backward,
-    layer_norm_jvp,
-    shared_forward,
-)
+from circuits.graph.forward import SharedRun, embed, shared_forward
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.graph.patching import MAX_CHUNK_FLOATS, Ablation, _ablation, _stages, mean_or_zero_values
@@ -77,10 +71,10 @@ def eap(
     if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 0:
         raise ValueError(f"ig_steps must be an integer >= 0, got {ig_steps!r}")
     ablation = _ablation(ablation)
-    w = NativeWeights.of(model)
+    w = Weights.of(model)
     g = ComputeGraph.of(model)
-    if task.seq_len > w.W_pos.shape[0]:
-        raise ValueError(f"task: sequences of {task.seq_len} tokens exceed the model's n_ctx {w.W_pos.shape[0]}")
+    if task.seq_len > w.n_ctx:
+        raise ValueError(f"task: sequences of {task.seq_len} tokens exceed the model's n_ctx {w.n_ctx}")
     positions = task.positions.to(w.device)
     clean_emb = embed(w, task.clean)[None]
     if ig_steps == 0:
@@ -91,7 +85,7 @@ def eap(
         with torch.no_grad():
             clean_run = shared_forward(w, clean_emb, positions, metric_queries_only=True)
         diff = _ablation_difference(w, task, ablation, clean_run, positions)
-        scores, gm = integrated_gradient_scores(w, g, clean_emb[0], clean_emb[0] + diff[:2], diff, positions,
+        scores, gm = integrated_gradient_scores(w, g, clean_emb[0], clean_emb[0] + diff[:g.n_embed], diff, positions,
                                                 task, metric, ig_steps, clean_run.logits[0])
     scores = scores.detach().float().cpu().masked_fill(~g.valid, float("nan"))
     method = "eap-ig" if ig_steps else "eap"
@@ -103,7 +97,7 @@ def eap(
     )
 
 
-def _ablation_difference(w: NativeWeights, task: Task, ablation: Ablation, clean: SharedRun, positions: Tensor
+def _ablation_difference(w: Weights, task: Task, ablation: Ablation, clean: SharedRun, positions: Tensor
                          ) -> Float[Tensor, "n_src batch pos d_model"]:
     """Ablated minus clean output of every source (the corrupted run's for resample ablation)."""
     if ablation is Ablation.RESAMPLE:
@@ -130,7 +124,7 @@ def _full_logits(logits_at: Tensor, task: Task) -> Tensor:
 @dataclass(frozen=True, eq=False)
 class DestinationGrads:
     """∂metric/∂(each destination's input) of unpatched runs, kept where contracting them with source
-    differences is cheapest. Head inputs: the gradient at the LayerNorm's output `at_ln[l]` ([k, 3 · head,
+    differences is cheapest. Head inputs: the gradient at the norm's output `at_ln[l]` ([k, head inputs,
     batch, pos, d_model]: q, k, v of each head, pulled back through W_Q, W_K, W_V) with the residual stream
     that LayerNorm read (`resid_in[l]`, [k, batch, pos, d_model]); MLP inputs and the logits: at the input,
     summed over the k runs (`mlp_in[l]`, `final`: [batch, pos, d_model]).
@@ -143,12 +137,11 @@ class DestinationGrads:
     mlp_in: tuple[Tensor, ...]
     final: Tensor
 
-    def dense(self, w: NativeWeights, graph: ComputeGraph) -> Float[Tensor, "n_dst batch pos d_model"]:
+    def dense(self, w: Weights, graph: ComputeGraph) -> Float[Tensor, "n_dst batch pos d_model"]:
         """Every destination's gradient at its input (the residual stream), summed over the k runs."""
         out = []
         for layer in range(graph.n_layers):
-            ln = w.ln_at("ln1", layer)
-            out.append(layer_norm_backward(self.resid_in[layer][:, None], self.at_ln[layer], ln, w.eps).sum(0))
+            out.append(w.ln1.at(layer).backward(self.resid_in[layer][:, None], self.at_ln[layer]).sum(0))
             if graph.has_mlp:
                 out.append(self.mlp_in[layer][None])
         out.append(self.final[None])
@@ -156,9 +149,9 @@ class DestinationGrads:
 
 
 def factored_gradients(
-    w: NativeWeights,
+    w: Weights,
     graph: ComputeGraph,
-    emb: Float[Tensor, "k 2 batch pos d_model"],
+    emb: Float[Tensor, "k n_embed batch pos d_model"],
     positions: Tensor,
     task: Task,
     metric: str | Metric | Callable[[Tensor], Tensor] | None,
@@ -178,11 +171,11 @@ def factored_gradients(
     grads = [torch.zeros_like(t) if gr is None else gr.detach() for gr, t in zip(grads, targets)]
     at_ln = []
     for layer in range(graph.n_layers):
-        g = torch.stack(grads[3 * layer: 3 * layer + 3], 1)  # [k, 3, head, batch, pos, d_head]
-        W = torch.stack([w.W_Q[layer], w.W_K[layer], w.W_V[layer]])  # [3, head, d_model, d_head]
-        K, _, H, B, P, E = g.shape
-        at = g.reshape(K, 3 * H, B * P, E) @ W.reshape(3 * H, -1, E).transpose(-1, -2)
-        at_ln.append(at.view(K, 3 * H, B, P, -1))
+        g = torch.cat(grads[3 * layer: 3 * layer + 3], 1)  # [k, q heads + k and v heads, batch, pos, d_head]
+        W = torch.cat([w.W_Q[layer], w.W_K[layer], w.W_V[layer]])  # [q heads + k and v heads, d_model, d_head]
+        K, n_in, B, P, E = g.shape
+        at = g.reshape(K, n_in, B * P, E) @ W.transpose(-1, -2)
+        at_ln.append(at.view(K, n_in, B, P, -1))
     n = 3 * graph.n_layers
     return _GradRun(run, gm), DestinationGrads(
         at_ln=tuple(at_ln), resid_in=tuple(r.detach() for r in run.resid_in),
@@ -191,10 +184,10 @@ def factored_gradients(
 
 
 def integrated_gradient_scores(
-    w: NativeWeights,
+    w: Weights,
     graph: ComputeGraph,
-    clean: Float[Tensor, "2 batch pos d_model"],
-    ablated: Float[Tensor, "2 batch pos d_model"],
+    clean: Float[Tensor, "n_embed batch pos d_model"],
+    ablated: Float[Tensor, "n_embed batch pos d_model"],
     diff: Float[Tensor, "n_src batch pos d_model"],
     positions: Tensor,
     task: Task,
@@ -218,7 +211,7 @@ def integrated_gradient_scores(
 
 
 def edge_scores(
-    graph: ComputeGraph, w: NativeWeights, diff: Float[Tensor, "n_src batch pos d_model"], grads: DestinationGrads
+    graph: ComputeGraph, w: Weights, diff: Float[Tensor, "n_src batch pos d_model"], grads: DestinationGrads
 ) -> Float[Tensor, "n_src n_dst"]:
     """Σ_{k, batch, pos, d_model} diff_s · grad_d for every edge (zero where there is none): per attention
     layer, the source differences below it go through each run's LayerNorm Jacobian and meet the gradients at
@@ -228,8 +221,7 @@ def edge_scores(
     for stage in _stages(graph):
         n = stage.n_below
         if stage.kind is NodeKind.HEAD_INPUT:
-            ln = w.ln_at("ln1", stage.layer)
-            pushed = layer_norm_jvp(grads.resid_in[stage.layer], diff[:n], ln, w.eps)  # [k, n, batch, pos, d]
+            pushed = w.ln1.at(stage.layer).jvp(grads.resid_in[stage.layer], diff[:n])  # [k, n, batch, pos, d]
             at_ln = grads.at_ln[stage.layer]  # [k, 3 · head, batch, pos, d]
             scores[:n, stage.dst] = pushed.transpose(0, 1).reshape(n, -1) @ at_ln.transpose(0, 1).reshape(
                 at_ln.shape[1], -1).T

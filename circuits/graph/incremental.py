@@ -20,7 +20,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuits.graph.forward import attend_projected, layer_norm, mlp, unembed
+from circuits.engine import rotate
+from circuits.graph.forward import attend_projected, mlp, unembed
 from circuits.graph.nodes import NodeKind
 from circuits.graph.patching import EdgePatcher
 
@@ -215,39 +216,47 @@ class _Propagation:
         raise AssertionError("unreachable: the last stage is the logits")
 
     def attention(self, i: int) -> None:
-        """Recompute the heads of one layer whose q, k or v input changed."""
-        p, stage, H = self.p, self.p.stages[i], self.p.graph.n_heads
+        """Recompute the heads of one layer whose q, k or v input changed (under grouped-query attention every
+        head of a group whose shared k or v input changed)."""
+        p, stage, g = self.p, self.p.stages[i], self.p.graph
         heads, projected = [], []
-        for h in range(H):
-            dsts = [stage.dst.start + j * H + h for j in range(3)]
+        for h in range(g.n_heads):
+            dsts = [g.input_index(stage.dst.start, h, j) for j in range(3)]
             xs = [self.input_of(i, dst) for dst in dsts]
             if all(x is None for x in xs):
                 continue
             heads.append(h)
-            projected.append([self.projection(stage.layer, h, j, dst, x) for j, (dst, x) in enumerate(zip(dsts, xs))])
+            kv = h // g.group_size
+            projected.append([self.projection(stage.layer, h if j == 0 else kv, j, dst, x)
+                              for j, (dst, x) in enumerate(zip(dsts, xs))])
         if not heads:
             return
         q, key, v = (_stack_heads([qkv[j] for qkv in projected]) for j in range(3))
         restricted = p.at_metric_positions(stage.dst.start)  # the layer's first q input
-        out = attend_projected(p.weights, stage.layer, p.head_index(heads), q, key, v, p.causal_bias(restricted))
+        out = attend_projected(p.weights, stage.layer, p.head_index(heads), q, key, v, p.attention_bias(restricted))
         for j, h in enumerate(heads):
             self.outputs[stage.out.start + h] = (out[:, j], restricted)
 
     def projection(self, layer: int, h: int, which: int, dst: int, x: Tensor | None) -> Tensor:
-        """Head h's query, key or value (`which` 0, 1, 2) from its new input x [k, batch, P, d] (kept for a
-        commit), or the state's (projected once and cached) where no candidate changes it (x None)."""
+        """Head h's query, key or value (`which` 0, 1, 2; h a key/value head for 1 and 2) from its new input x
+        [k, batch, P, d] (kept for a commit), or the state's (projected once and cached) where no candidate
+        changes it (x None)."""
         if x is None:
             cached = self.state.projected.get(dst)
             if cached is None:
-                cached = self.state.projected[dst] = self._project(layer, h, which, self.current_input(dst)[None])
+                cached = self.state.projected[dst] = self._project(layer, h, which, dst, self.current_input(dst)[None])
             return cached
-        y = self.new_projected[dst] = self._project(layer, h, which, x)
-        return y
+        if dst not in self.new_projected:  # a shared k or v input is projected once for its group
+            self.new_projected[dst] = self._project(layer, h, which, dst, x)
+        return self.new_projected[dst]
 
-    def _project(self, layer: int, h: int, which: int, x: Tensor) -> Tensor:
+    def _project(self, layer: int, h: int, which: int, dst: int, x: Tensor) -> Tensor:
         w = self.p.weights
         W, b = w.qkv_weights(which)
-        return torch.matmul(layer_norm(x, w.ln_at("ln1", layer), w.eps), W[layer, h]) + b[layer, h]
+        y = torch.matmul(w.ln1.at(layer)(x), W[layer, h]) + b[layer, h]
+        if which == 2:
+            return y
+        return rotate(w.rotary, y, self.p.query_positions(self.p.at_metric_positions(dst)))
 
     def current_input(self, dst: int) -> Tensor:
         at = self.p.at_metric_positions(dst)
@@ -259,6 +268,8 @@ class _Propagation:
     def input_of(self, i: int, dst: int) -> Tensor | None:
         """Destination dst's input in each candidate, or None where no candidate changes it."""
         at = self.p.at_metric_positions(dst)
+        if dst in self.new_inputs:  # a shared k or v input, read by each head of its group
+            return self.new_inputs[dst]
         if dst == self.d:
             x = self.seed(i, at)
         else:

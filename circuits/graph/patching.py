@@ -26,8 +26,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.causal import causal_bias
-from circuits.graph.forward import NativeWeights, attend, embed, mlp, shared_forward, unembed
+from circuits.engine import Weights, attention_bias
+from circuits.graph.forward import attend, embed, mlp, shared_forward, unembed
 from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.tasks.task import Task
 
@@ -83,13 +83,13 @@ class EdgePatcher:
     """
 
     def __init__(self, model: TransformerBridge, task: Task, ablation: Ablation | str = Ablation.RESAMPLE):
-        self.weights = NativeWeights.of(model)
+        self.weights = Weights.of(model)
         self.graph = ComputeGraph.of(model)
         self.task = task
         self.ablation = _ablation(ablation)
-        if task.seq_len > self.weights.W_pos.shape[0]:
+        if task.seq_len > self.weights.n_ctx:
             raise ValueError(f"task: sequences of {task.seq_len} tokens exceed the model's n_ctx "
-                             f"{self.weights.W_pos.shape[0]}")
+                             f"{self.weights.n_ctx}")
         self.device = self.weights.device
         self.positions = task.positions.to(self.device)
         self.stages = _stages(self.graph)
@@ -98,10 +98,10 @@ class EdgePatcher:
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor] = {}
         n_pos = task.seq_len
-        self._causal_bias = {
-            False: causal_bias(torch.arange(n_pos, device=self.device), n_pos, self.weights.W_E.dtype),
-            True: causal_bias(self.positions, n_pos, self.weights.W_E.dtype),
-        }
+        causal, dtype = self.weights.causal, self.weights.dtype
+        self._query_positions = {False: torch.arange(n_pos, device=self.device), True: self.positions}
+        self._attention_bias = {at: attention_bias(q_pos, n_pos, dtype, causal)
+                                for at, q_pos in self._query_positions.items()}
         with torch.no_grad():
             resample = self.ablation is Ablation.RESAMPLE
             emb = self.embed(task.clean)
@@ -140,38 +140,45 @@ class EdgePatcher:
             self._head_index[key] = torch.tensor(key, device=self.device)
         return self._head_index[key]
 
-    def causal_bias(self, at_metric_positions: bool) -> Float[Tensor, "nq pos"]:
+    def attention_bias(self, at_metric_positions: bool) -> Float[Tensor, "nq pos"]:
         """The attention mask's bias for queries at every position, or at the metric positions only."""
-        return self._causal_bias[at_metric_positions]
+        return self._attention_bias[at_metric_positions]
+
+    def query_positions(self, at_metric_positions: bool) -> Int[Tensor, " nq"]:
+        """Every position, or the metric positions only."""
+        return self._query_positions[at_metric_positions]
 
     def _reads_metric_positions_only(self, d: int) -> bool:
         node = self.graph.destinations[d]
         last = node.layer >= self.n_layers - 1
         return node.kind is NodeKind.LOGITS or (last and (node.kind is NodeKind.MLP or node.qkv == "q"))
 
-    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "1 2 batch pos d_model"]:
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "1 n_embed batch pos d_model"]:
         """The embedding sources of some tokens, with a leading mask axis of 1."""
         return embed(self.weights, tokens)[None]
 
     def _stage_biases(self) -> list[Tensor]:
-        """The constant part of each stage's input: b_O (and b_out) of every layer below it."""
+        """The constant part of each stage's input: b_O (and b_out) of every layer below it (for the MLP of a
+        sequential block also its own layer's b_O; a parallel MLP reads the block's input)."""
         w = self.weights
-        total = torch.zeros_like(w.b_O[0])
+        total = w.W_E.new_zeros(w.d_model)
+        block_in = total
         biases = []
         for stage in self.stages:
-            if stage.kind is NodeKind.MLP:
-                biases.append(total + w.b_O[stage.layer])
-            else:
-                biases.append(total.clone())
             if stage.kind is NodeKind.HEAD_INPUT:
+                biases.append(total.clone())
+                block_in = total
                 total = total + w.b_O[stage.layer]
             elif stage.kind is NodeKind.MLP:
+                biases.append((block_in if w.parallel else total).clone())
                 total = total + w.b_out[stage.layer]
+            else:
+                biases.append(total.clone())
         return biases
 
     def forward(
         self,
-        emb: Float[Tensor, "_ke 2 batch pos d_model"],
+        emb: Float[Tensor, "_ke n_embed batch pos d_model"],
         masks: Bool[Tensor, "_km n_src n_dst"] | None,
         *,
         keep: bool = False,
@@ -191,10 +198,9 @@ class EdgePatcher:
             if keep:
                 inputs.append(x)
             if stage.kind is NodeKind.HEAD_INPUT:
-                H = self.graph.n_heads
-                heads = torch.arange(H, device=self.device)
+                H, Hkv = self.graph.n_heads, self.graph.kv_heads
                 all_pos = torch.arange(x.shape[-2], device=self.device)
-                blocks.append(attend(w, stage.layer, heads, x[:, :H], x[:, H:2 * H], x[:, 2 * H:], all_pos))
+                blocks.append(attend(w, stage.layer, x[:, :H], x[:, H:H + Hkv], x[:, H + Hkv:], all_pos))
             elif stage.kind is NodeKind.MLP:
                 blocks.append(mlp(w, stage.layer, x))
             else:
@@ -202,7 +208,7 @@ class EdgePatcher:
         sources = _cat_sources(blocks) if keep else None
         return Run(logits, sources, tuple(inputs) if keep else None)
 
-    def _unpatched(self, emb: Float[Tensor, "k 2 batch pos d_model"], keep: bool) -> Run:
+    def _unpatched(self, emb: Float[Tensor, "k n_embed batch pos d_model"], keep: bool) -> Run:
         """Every edge kept: the model's own forward (one LayerNorm per layer), each stage's destinations reading
         the residual stream. Its stage inputs are views of one tensor per stage: not for per-destination
         gradients (pass an all-True mask for those)."""
@@ -237,8 +243,9 @@ class EdgePatcher:
         if masks is None:
             resid = sources.sum(1) + bias
             return resid[:, None].expand(-1, n_dst, *resid.shape[1:])
-        kept = masks[:, : stage.n_below, stage.dst].to(sources.dtype).transpose(1, 2)  # [k, n_dst, n_below]
-        x = kept @ sources.flatten(2) + (1 - kept) @ self.ablated[: stage.n_below].flatten(1)
+        n = stage.n_below
+        kept = masks[:, :n, stage.dst].to(sources.dtype).transpose(1, 2)  # [k, n_dst, n_below]
+        x = kept @ sources[:, :n].flatten(2) + (1 - kept) @ self.ablated[:n].flatten(1)
         return x.unflatten(2, sources.shape[2:]) + bias
 
     def run(self, masks: Bool[Tensor, "k n_src n_dst"], *, tokens: Int[Tensor, "batch pos"] | None = None
@@ -293,14 +300,15 @@ def _ablation(ablation: Ablation | str) -> Ablation:
 def _stages(graph: ComputeGraph) -> list[_Stage]:
     """The forward's stages in order, with the destination and source index ranges of each."""
     stages = []
-    H = graph.n_heads
+    H, n_in = graph.n_heads, graph.inputs_per_layer
     dst = 0
-    src = 2
+    src = graph.n_embed
     for layer in range(graph.n_layers):
-        stages.append(_Stage(NodeKind.HEAD_INPUT, layer, slice(dst, dst + 3 * H), src, slice(src, src + H)))
-        dst, src = dst + 3 * H, src + H
+        stages.append(_Stage(NodeKind.HEAD_INPUT, layer, slice(dst, dst + n_in), src, slice(src, src + H)))
+        below = src if graph.parallel else src + H  # a parallel MLP reads the block's input
+        dst, src = dst + n_in, src + H
         if graph.has_mlp:
-            stages.append(_Stage(NodeKind.MLP, layer, slice(dst, dst + 1), src, slice(src, src + 1)))
+            stages.append(_Stage(NodeKind.MLP, layer, slice(dst, dst + 1), below, slice(src, src + 1)))
             dst, src = dst + 1, src + 1
     stages.append(_Stage(NodeKind.LOGITS, graph.n_layers, slice(dst, dst + 1), src, slice(src, src)))
     return stages

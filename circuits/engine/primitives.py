@@ -57,10 +57,10 @@ def _rotated(rotary: Rotary, x: Float[Tensor, "*lead d_head"], cos: Tensor, sin:
     return torch.cat([out, x_pass], -1) if x_pass.shape[-1] else out
 
 
-def expand_kv(w: Weights, t: Float[Tensor, "*lead kv_head pos d_head"], axis: int = -3
-              ) -> Float[Tensor, "*lead head pos d_head"]:
-    """Keys or values per key/value head repeated for each query head of its group (head h reads key/value
-    head h // group_size, the order of Hugging Face's repeat_kv); unchanged without grouped-query attention."""
+def expand_kv(w: Weights, t: Float[Tensor, "..."], axis: int = -3) -> Float[Tensor, "..."]:
+    """Keys or values with one entry per key/value head on axis `axis`, repeated for each query head of its
+    group (head h reads key/value head h // group_size, the order of Hugging Face's repeat_kv); unchanged
+    without grouped-query attention."""
     g = w.group_size
     return t if g == 1 else t.repeat_interleave(g, dim=axis)
 

@@ -57,9 +57,9 @@ SWEEP_12 = Sweep([PLANTED, TINY], [INDUCTION], METHODS_12)
 def local_ray():
     """A local Ray for this module: 2 CPUs, 127.0.0.1 only, no dashboard; shut down after the module."""
     pytest.importorskip("ray")
-    from circuits.sweep.runner import start_local_ray
-
     import ray
+
+    from circuits.sweep.runner import start_local_ray
 
     if ray.is_initialized():
         pytest.skip("a Ray is already running in this process")

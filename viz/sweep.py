@@ -83,8 +83,9 @@ def draw_threshold_vs_edges(table, *, group: Sequence[str] = ("method", "model",
 def sweep_figures(table, entries: Sequence[Mapping[str, Any]]) -> dict[str, go.Figure]:
     """Every figure the sweep's runs allow: {"faithfulness", "roc", "threshold"} where there is data for it."""
     out = {}
-    for name, draw in (("faithfulness", lambda: draw_sweep_faithfulness(table)), ("roc", lambda: draw_sweep_roc(entries)),
-                       ("threshold", lambda: draw_threshold_vs_edges(table))):
+    draws = {"faithfulness": lambda: draw_sweep_faithfulness(table), "roc": lambda: draw_sweep_roc(entries),
+             "threshold": lambda: draw_threshold_vs_edges(table)}
+    for name, draw in draws.items():
         try:
             out[name] = draw()
         except ValueError:

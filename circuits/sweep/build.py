@@ -12,7 +12,6 @@ import importlib
 import inspect
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 from transformer_lens import TransformerBridge

@@ -159,9 +159,7 @@ def run_sweep(
 def execute(keyed: Keyed, root: str | Path, writer: str, threads: int | None) -> str:
     """Run one grid point and write its entry (an error entry if it raised); returns its status."""
     run = keyed.run
-    entry: dict[str, Any] = {"key": keyed.key, "identity": keyed.identity, "label": run.label,
-                             "status": "ok", "error": None, "error_kind": None, "traceback": None,
-                             "metrics": {}, "circuit": None, "scores": None, "roc": None}
+    entry = _entry(keyed, writer)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with _torch_threads(threads), PeakRSS() as peak:
@@ -180,8 +178,7 @@ def execute(keyed: Keyed, root: str | Path, writer: str, threads: int | None) ->
             entry.update(status="error", error=f"{type(err).__name__}: {err}", error_kind="exception",
                          traceback=traceback.format_exc())
     timings["total_s"] = time.perf_counter() - start
-    entry.update(timings=timings, peak_rss_mb=peak.mb, host=socket.gethostname(), pid=os.getpid(),
-                 writer=writer, finished_at=time.time())
+    entry.update(timings=timings, peak_rss_mb=peak.mb, finished_at=time.time())
     Store(Path(root)).write(entry)
     return entry["status"]
 
@@ -327,7 +324,13 @@ def _record_lost(k: Keyed, store: Store, writer: str, err: Exception, max_retrie
 
     died = isinstance(err, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError))
     message = f"the run's worker died {max_retries + 1} times: {err}" if died else str(err)
-    store.write({"key": k.key, "identity": k.identity, "label": k.run.label, "status": "error",
-                 "error": f"{type(err).__name__}: {message}", "error_kind": WORKER_DIED if died else "exception", "traceback": None, "metrics": {}, "circuit": None, "scores": None,
-                 "roc": None, "timings": {}, "peak_rss_mb": float("nan"), "host": socket.gethostname(),
-                 "pid": os.getpid(), "writer": writer, "finished_at": time.time()})
+    store.write(_entry(k, writer, status="error", error=f"{type(err).__name__}: {message}",
+                       error_kind=WORKER_DIED if died else "exception"))
+
+
+def _entry(k: Keyed, writer: str, **fields: Any) -> dict[str, Any]:
+    """An entry's fields with their defaults (a finished run with nothing recorded yet), then `fields`."""
+    return {"key": k.key, "identity": k.identity, "label": k.run.label, "status": "ok", "error": None,
+            "error_kind": None, "traceback": None, "metrics": {}, "circuit": None, "scores": None, "roc": None,
+            "timings": {}, "peak_rss_mb": float("nan"), "host": socket.gethostname(), "pid": os.getpid(),
+            "writer": writer, "finished_at": time.time(), **fields}

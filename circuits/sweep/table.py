@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+METRICS = ("n_edges", "n_edges_total", "faithfulness", "roc_auc")  # columns present even when every run lacks them
 MEASUREMENTS = ("total_s", "build_s", "method_s", "score_s", "peak_rss_mb", "host", "pid", "writer", "finished_at")
 
 
@@ -25,14 +26,18 @@ def tidy_table(entries: Iterable[dict[str, Any]]):
 
     rows = [_row(e) for e in entries]
     table = pd.DataFrame(rows)
+    for c in METRICS:
+        if c not in table.columns:
+            table[c] = float("nan")
     for c in [c for c in table.columns if c.startswith("param.")] + ["top_component", "error"]:
         if c in table.columns:
             table[c] = _uniform(table[c])
     first = ["key", "label", "model", "task", "method", "seed"]
     params = sorted(c for c in table.columns if c.startswith("param."))
+    status = ["status", "error", *METRICS]
     measured = [c for c in MEASUREMENTS if c in table.columns]
-    rest = [c for c in table.columns if c not in first + params + measured]
-    return table[first + params + rest + measured]
+    rest = [c for c in table.columns if c not in first + params + status + measured]
+    return table[first + params + status + rest + measured]
 
 
 def result_columns(table) -> list[str]:

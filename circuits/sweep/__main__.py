@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, help="where to write the table (default <results>/table.parquet)")
     parser.add_argument("--figures", type=Path, help="write the sweep's figures as HTML into this folder")
     args = parser.parse_args(argv)
-    sweep, options = load_toml(args.file)
+    try:
+        sweep, options = load_toml(args.file)
+    except (OSError, ValueError) as err:
+        parser.error(f"{args.file}: {err}")
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         parser.error(f"{args.file}: unknown [run] options {unknown}; expected some of {list(_OPTIONS)}")
@@ -41,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     results = options.pop("results", None)
     if results is None:
         parser.error("the results folder: give --results or [run] results")
-    result = run_sweep(sweep, results, **options)
+    try:
+        result = run_sweep(sweep, results, **options)
+    except ValueError as err:  # the grid itself is wrong (a model or task that cannot be built, an option)
+        parser.error(str(err))
     table_path = save_table(result.table, args.table or Path(results) / "table.parquet")
     if args.figures:
         from viz.sweep import sweep_figures

@@ -64,15 +64,7 @@ def model_builder(entry: ModelEntry) -> Callable[..., TransformerBridge]:
         if entry.name not in NAMES:
             raise ValueError(f"model {entry.name!r}: not a zoo model ({list(NAMES)}); give a builder")
         return lambda: load_pretrained(entry.name)
-    if b in _MODEL_BUILDERS:
-        return _MODEL_BUILDERS[b]
-    import circuits.models as models
-
-    fn = getattr(models, b, None)
-    if fn is None or not callable(fn) or b.startswith("_"):
-        raise ValueError(f"model {entry.name!r}: unknown builder {b!r}; register it with "
-                         f"circuits.sweep.register_model or name a function of circuits.models")
-    return fn
+    return _find(b, _MODEL_BUILDERS, "circuits.models", f"model {entry.name!r}: unknown builder", "register_model")
 
 
 def build_model(entry: ModelEntry) -> tuple[TransformerBridge, str]:
@@ -89,17 +81,21 @@ def build_model(entry: ModelEntry) -> tuple[TransformerBridge, str]:
 
 
 def task_generator(entry: TaskEntry) -> Callable[..., Task]:
+    """The function that makes `entry`'s task."""
     g = entry.generator
     if callable(g):
         return g
-    if g in _TASK_GENERATORS:
-        return _TASK_GENERATORS[g]
-    import circuits.tasks as tasks
+    return _find(g, _TASK_GENERATORS, "circuits.tasks", f"task {entry.name!r}: unknown generator", "register_task")
 
-    fn = getattr(tasks, g, None)
-    if fn is None or not callable(fn) or g.startswith("_"):
-        raise ValueError(f"task {entry.name!r}: unknown generator {g!r}; register it with "
-                         f"circuits.sweep.register_task or name a function of circuits.tasks")
+
+def _find(name: str, registry: dict[str, Callable], module: str, what: str, register: str) -> Callable:
+    """A registered function, else a public function of `module`; a ValueError saying where it was looked for."""
+    if name in registry:
+        return registry[name]
+    fn = getattr(importlib.import_module(module), name, None)
+    if fn is None or not callable(fn) or name.startswith("_"):
+        raise ValueError(f"{what} {name!r}; register it with circuits.sweep.{register} or name a function of "
+                         f"{module}")
     return fn
 
 
@@ -128,7 +124,7 @@ def weights_digest(model: TransformerBridge) -> str:
         for name, t in sorted(model.state_dict().items()):
             t = t.detach().cpu().contiguous()
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.figures.mkdir(parents=True, exist_ok=True)
         for name, fig in sweep_figures(result.table, result.entries).items():
-            fig.write_html(args.figures / f"{name}.html", include_plotlyjs="cdn")
+            fig.write_html(args.figures / f"{name}.html", include_plotlyjs="directory")
     print(f"{len(result.entries)} runs: computed {result.n_computed}, reused {result.n_reused}, "
           f"with an error {result.n_failed}; table {table_path}")
     return 0

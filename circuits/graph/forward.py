@@ -3,7 +3,8 @@
 The native bridge (`TransformerBridge.boot_native`) exposes no per-head q/k/v input hooks, so edge patching
 computes the forward itself. `NativeWeights.of(model)` reads the bridge's stacked weights (`W_Q, W_K, W_V,
 W_O, b_*, W_E, W_pos, W_U, b_U`, the LayerNorm and MLP parameters) and the pieces here reproduce
-`transformer_lens/model_bridge/sources/native/model.py`: pre-LayerNorm blocks, causal softmax attention with
+`transformer_lens/model_bridge/sources/native/model.py`: pre-LayerNorm blocks, causal (or, with
+`attention_dir="bidirectional"`, unmasked) softmax attention with
 scores divided by the model's `attn.scale`, masked entries set to 0 after the softmax, an MLP
 `fc_out(act(fc_in(ln2(x))))`, and `ln_final` then the unembedding. Each head input gets its own LayerNorm
 (the split-q/k/v form): with every edge present all three inputs equal the residual stream, as in the model.
@@ -58,6 +59,7 @@ class NativeWeights:
     eps: float
     attn_scale: float
     description: str
+    causal: bool = True  # False for attention_dir="bidirectional": no mask
 
     @property
     def n_layers(self) -> int:
@@ -130,6 +132,7 @@ class NativeWeights:
                 act=blocks[0].mlp.act if mlp else None,
                 eps=float(cfg.eps),
                 attn_scale=float(blocks[0].attn.scale),
+                causal=cfg.attention_dir == "causal",
             )
         return cls(**w, description=describe(model))
 
@@ -154,7 +157,7 @@ def _check_supported(model: TransformerBridge) -> None:
         problems.append("gated MLPs")
     if getattr(cfg, "final_rms", False):
         problems.append("final_rms")
-    if cfg.attention_dir != "causal":
+    if cfg.attention_dir not in ("causal", "bidirectional"):
         problems.append(f"attention_dir={cfg.attention_dir!r}")
     if not cfg.attn_only and (cfg.act_fn or "").lower() == "solu_ln":
         problems.append("act_fn='solu_ln'")
@@ -166,6 +169,8 @@ def describe(model: TransformerBridge) -> str:
     """A short description of a model with a fingerprint of its weights: `attn-only 2L×4H d_model=64 #1a2b3c4d`."""
     cfg = model.cfg
     kind = "attn-only" if cfg.attn_only else f"mlp({cfg.act_fn})"
+    if cfg.attention_dir != "causal":
+        kind += f" {cfg.attention_dir}"
     return f"{kind} {cfg.n_layers}L×{cfg.n_heads}H d_model={cfg.d_model} #{fingerprint(model)}"
 
 
@@ -212,7 +217,8 @@ def attend(
     layer); keys and values cover positions 0..pos-1. Leading dims broadcast (a `*k` of 1 shares an input).
     """
     q, k, v = (project(w, layer, heads, x, j) for j, x in enumerate((x_q, x_k, x_v)))
-    return attend_projected(w, layer, heads, q, k, v, causal_bias(q_pos.to(q.device), k.shape[-2], q.dtype))
+    return attend_projected(w, layer, heads, q, k, v,
+                            causal_bias(q_pos.to(q.device), k.shape[-2], q.dtype, causal=w.causal))
 
 
 def project(w: NativeWeights, layer: int, heads: Int[Tensor, " h"], x: Float[Tensor, "*k h batch pos d_model"],
@@ -299,7 +305,7 @@ def shared_forward(
     blocks = [emb]
     resid_in, qkv, mlp_in = [], [], []
     n_pos = emb.shape[-2]
-    bias = causal_bias(torch.arange(n_pos, device=emb.device), n_pos, emb.dtype)
+    bias = causal_bias(torch.arange(n_pos, device=emb.device), n_pos, emb.dtype, causal=w.causal)
     for layer in range(w.n_layers):
         resid_in.append(resid)
         ln = layer_norm(resid, w.ln_at("ln1", layer), w.eps)

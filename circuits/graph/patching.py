@@ -99,8 +99,9 @@ class EdgePatcher:
         self._head_index: dict[tuple[int, ...], Tensor] = {}
         n_pos = task.seq_len
         self._causal_bias = {
-            False: causal_bias(torch.arange(n_pos, device=self.device), n_pos, self.weights.W_E.dtype),
-            True: causal_bias(self.positions, n_pos, self.weights.W_E.dtype),
+            False: causal_bias(torch.arange(n_pos, device=self.device), n_pos, self.weights.W_E.dtype,
+                               causal=self.weights.causal),
+            True: causal_bias(self.positions, n_pos, self.weights.W_E.dtype, causal=self.weights.causal),
         }
         with torch.no_grad():
             resample = self.ablation is Ablation.RESAMPLE

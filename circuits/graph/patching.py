@@ -160,10 +160,7 @@ class EdgePatcher:
         total = torch.zeros_like(w.b_O[0])
         biases = []
         for stage in self.stages:
-            if stage.kind is NodeKind.MLP:
-                biases.append(total + w.b_O[stage.layer])
-            else:
-                biases.append(total.clone())
+            biases.append(total.clone())  # an MLP's input: its layer's b_O is already in `total`
             if stage.kind is NodeKind.HEAD_INPUT:
                 total = total + w.b_O[stage.layer]
             elif stage.kind is NodeKind.MLP:

@@ -33,8 +33,8 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from analyses.common import write_outputs
-from circuits.graph import Circuit, EdgePatcher, acdc, eap, roc
-from circuits.graph.known import residual_circuit
+from circuits.graph import Circuit, acdc, eap, roc
+from circuits.graph.known import inert_edges, residual_circuit
 from circuits.graph.node_patching import node_patching
 from circuits.models import planted_induction
 from circuits.tasks import Task, induction_task
@@ -86,7 +86,7 @@ def evaluate(case: Case, ablation: str, metric_name: str, thresholds: tuple[floa
     metric = case.metrics[metric_name]
     common = dict(model=case.name, ablation=ablation, metric=metric_name)
     rows = []
-    inert = inert_known_edges(case, ablation)
+    inert = inert_edges(model, task, truth, ablation)
     common["inert_known_edges"] = int(inert.sum())
     active = truth.with_members(truth.members & ~inert)
     sweep, seconds = timed(lambda: [acdc(model, task, threshold=t, metric=metric, ablation=ablation,
@@ -105,22 +105,6 @@ def evaluate(case: Case, ablation: str, metric_name: str, thresholds: tuple[floa
     rows.append(dict(common, method="node patching", edge_auc=None, active_auc=None,
                      node_auc=roc(result, truth, level="node").auc, seconds=seconds))
     return rows
-
-
-def inert_known_edges(case: Case, ablation: str) -> Tensor:
-    """The edges of the known circuit that change no logit (by more than 1e-6) on the task's inputs when
-    removed alone from the full model (a [n_src, n_dst] mask): no method can tell them from edges outside
-    the circuit there."""
-    patcher = EdgePatcher(case.model, case.task, ablation)
-    members = case.truth.members.nonzero().tolist()
-    masks = patcher.graph.valid[None].repeat(len(members), 1, 1)
-    for i, (s, d) in enumerate(members):
-        masks[i, s, d] = False
-    change = (patcher.run(masks) - patcher.clean_logits).abs().flatten(1).amax(1)
-    inert = torch.zeros_like(case.truth.members)
-    for (s, d), c in zip(members, change.tolist()):
-        inert[s, d] = c <= 1e-6
-    return inert
 
 
 def run(short: bool, progress: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -13,7 +13,7 @@ from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
 from circuits.graph import Circuit, ComputeGraph, EdgePatcher, acdc, eap, roc
 from circuits.graph.faithfulness import step_auc
-from circuits.graph.known import circuit_nodes, residual_circuit
+from circuits.graph.known import circuit_nodes, inert_edges, residual_circuit
 from circuits.graph.node_patching import node_patching
 from circuits.tasks import induction_task
 
@@ -135,18 +135,6 @@ def test_edges_outside_the_known_circuit_carry_nothing(compiled, name):
     assert none > 0.1
 
 
-def known_edges_inert_alone(model, task, known):
-    """Known edges whose removal alone (zero ablation) changes no logit on the task's inputs."""
-    p = EdgePatcher(model, task, "zero")
-    members = known.members.nonzero().tolist()
-    masks = p.graph.valid[None].repeat(len(members), 1, 1)
-    for i, (s, d) in enumerate(members):
-        masks[i, s, d] = False
-    change = (p.run(masks) - p.clean_logits).abs().flatten(1).amax(1)
-    return {f"{p.graph.sources[s].name}->{p.graph.destinations[d].name}"
-            for (s, d), c in zip(members, change) if c <= 1e-6}
-
-
 # measured: tracr's BOS default-attention terms ('one' in the query, tokens:BOS in the key) change nothing
 # where a selector always matches a key, and reverse's length head (an always-true selector) computes the
 # same length from a zeroed query; on full-length inputs its output to MLP0 changes nothing either
@@ -165,7 +153,8 @@ def test_acdc_with_zero_ablation_recovers_the_known_circuit(compiled, name):
     _, model = compiled[name]
     pt = program_task(model)
     known = residual_circuit(model)
-    inert = known_edges_inert_alone(model, pt.task, known)
+    inert_mask = inert_edges(model, pt.task, known, "zero")
+    inert = {e.name for e in known.graph.edges() if inert_mask[e.src, e.dst]}
     assert inert == INERT_ON_DOMAIN[name]
     found = acdc(model, pt.task, threshold=1e-6, metric=pt.metric, ablation="zero", progress=False)
     assert set(found.circuit.edge_names()) == set(known.edge_names()) - inert
@@ -296,3 +285,22 @@ def test_benchmark_rows_on_hist(compiled):
     assert rows[0]["edge_auc"] == 1.0 and rows[0]["exact_at_smallest"]
     assert "| tracr hist | zero | kl |" in markdown_table(rows)
     assert len(auc_figure(rows).data) == 8
+
+
+@pytest.mark.slow
+def test_benchmark_short_end_to_end(tmp_path):
+    """`python -m analyses.discovery_benchmark --short`: the table, summary and report; ACDC with zero
+    ablation finds every active known edge and nothing else on every model (edge AUC 1 against them)."""
+    import json
+
+    from analyses import discovery_benchmark
+
+    discovery_benchmark.main(["--short", "--quiet", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "report.html").stat().st_size > 0 and (tmp_path / "table.md").read_text().count("\n") > 30
+    rows = summary["rows"]
+    assert {r["model"] for r in rows} == {"planted induction", "tracr reverse", "tracr frac_prevs", "tracr hist"}
+    assert len(rows) == 4 * 2 * 4  # models × ablations × methods (short: one metric per model)
+    for r in rows:
+        if r["method"] == "ACDC" and r["ablation"] == "zero":
+            assert r["active_auc"] == 1.0 and r["active_at_smallest"], r

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; \
 	elif ls /opt/wheels/torch-2.13.0+cpu-* >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; \
 	else $(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
-	$(PY) -m pip install -q -e ".[dev,docs,sweep]"
+	$(PY) -m pip install -q -e ".[dev,docs,sweep,tracr]"
 	touch $(STAMP)
 
 demo: setup

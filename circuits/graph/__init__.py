@@ -2,7 +2,7 @@
 
 Files: `nodes` (nodes, edges, the graph's structure), `circuit` (dense scores and membership, networkx,
 JSON), `forward` (the model's forward from its weights), `patching` (the edge-patching engine), `metric`,
-`acdc`, `eap`, `faithfulness`.
+`acdc`, `eap`, `faithfulness` (with `roc`), `known` (circuits known from the weights), `node_patching`.
 
 The circuit DiGraph schema (shared with `viz.circuit`; `Circuit.to_networkx()`, `ACDCResult.graph`):
 - Graph attributes: `n_layers`, `n_heads`, `model` (a short description with a weight fingerprint),
@@ -32,7 +32,9 @@ from circuits.graph.circuit import Circuit, top_n_mask
 from circuits.graph.eap import EAPResult, eap
 from circuits.graph.faithfulness import Faithfulness, FaithfulnessCurve, Roc, faithfulness, faithfulness_curve, roc
 from circuits.graph.incremental import CircuitState, circuit_state, commit_column, evaluate_column
+from circuits.graph.known import circuit_nodes, residual_circuit
 from circuits.graph.metric import GraphMetric, resolve_metric
+from circuits.graph.node_patching import NodePatchingResult, node_patching
 from circuits.graph.nodes import ComputeGraph, Edge, Node, NodeKind, attn_only_edge_count
 from circuits.graph.patching import Ablation, EdgePatcher, patch_edges
 
@@ -41,5 +43,6 @@ __all__ = [
     "evaluate_column", "EAPResult", "Edge", "EdgePatcher",
     "Faithfulness", "FaithfulnessCurve", "GraphMetric", "Node", "NodeKind", "Roc", "acdc",
     "attn_only_edge_count", "eap", "faithfulness", "faithfulness_curve", "patch_edges", "prune_dead_ends",
-    "resolve_metric", "roc", "top_n_mask",
+    "resolve_metric", "roc", "top_n_mask", "circuit_nodes", "residual_circuit", "NodePatchingResult",
+    "node_patching",
 ]

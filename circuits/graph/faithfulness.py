@@ -17,6 +17,7 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.graph.circuit import Circuit, top_n_mask
+from circuits.graph.known import circuit_nodes
 from circuits.graph.metric import resolve_metric
 from circuits.graph.nodes import ComputeGraph
 from circuits.graph.patching import Ablation, EdgePatcher
@@ -47,11 +48,17 @@ class FaithfulnessCurve(LabelledResult):
 
 @dataclass(frozen=True, eq=False)
 class Roc:
-    """A ROC curve of a score against a ground-truth circuit: false/true-positive rates and the area."""
+    """A ROC curve against a ground-truth circuit: false/true-positive rates and the area.
+
+    `level` "edge" or "node"; `thresholds` the sweep's thresholds, one per point (a sweep of circuits only).
+    For a score ranking the points are the curve through every distinct score (the AUC counts ties ½);
+    for a sweep of circuits they are each circuit's (FPR, TPR), with (0, 0) and (1, 1) added."""
 
     fpr: Tensor
     tpr: Tensor
     auc: float
+    level: str = "edge"
+    thresholds: Tensor | None = None
 
 
 def faithfulness(
@@ -105,40 +112,138 @@ def faithfulness_curve(
 
 
 def roc(
-    scores: Circuit | LabelledResult | Float[Tensor, "n_src n_dst"],
+    scores: Circuit | LabelledResult | Float[Tensor, "..."] | Sequence[Circuit | LabelledResult],
     truth: Circuit | Bool[Tensor, "n_src n_dst"],
     valid: Bool[Tensor, "n_src n_dst"] | None = None,
     *,
     by_abs: bool = True,
+    level: str = "edge",
 ) -> Roc:
-    """ROC of ranking the edges by |score| (nan lowest) against the ground-truth circuit `truth`; the AUC is
-    the probability that a true edge outranks a false one (ties count ½). Example: `roc(eap_result, truth).auc`
+    """ROC of a method against the ground-truth circuit `truth`, over edges or nodes (`level`).
+
+    `scores` is either a score table (an EAP/ACDC result, a Circuit or a [n_src, n_dst] tensor; at node level
+    also a node-patching result or a [n_src] tensor of node scores): edges (nodes) are ranked by |score|
+    (nan lowest; a node's score from edges is its largest |score|), and the AUC is the probability that a
+    true one outranks a false one, ties counting ½. Or a sweep: a list of circuits (ACDC results at several
+    thresholds, say), each one point (FPR, TPR) of what it kept, as in the ACDC paper; their thresholds
+    (attribute `threshold`) must be distinct and not nan. The sweep's AUC is the area under the step curve
+    through the points on its upper-left frontier, with (0, 0) and (1, 1) added: a point contributes only
+    from its own FPR on (no interpolation between thresholds that were not run).
+    Nodes are components (embeddings, heads, MLPs; graph source order); a circuit uses a node when a member
+    edge leaves it or enters one of its inputs (`circuits.graph.known.circuit_nodes`).
+    Example: `roc(eap_result, truth).auc`, `roc([acdc(m, t, threshold=x) for x in (0.1, 0.01)], truth).auc`
     """
-    table = scores.circuit.scores if isinstance(scores, LabelledResult) and hasattr(scores, "circuit") else (
-        scores.scores if isinstance(scores, Circuit) else scores.values if isinstance(scores, LabelledResult)
-        else scores)
+    if level not in ("edge", "node"):
+        raise ValueError(f"level must be 'edge' or 'node', got {level!r}")
     if isinstance(truth, Circuit):
         valid = truth.graph.valid if valid is None else valid
+        truth_circuit: Circuit | None = truth
         truth = truth.members
+    else:
+        truth_circuit = None
     if valid is None:
         valid = torch.ones_like(truth)
+    if level == "node":
+        if truth_circuit is None:
+            raise ValueError("truth: node-level ROC needs the truth as a Circuit (its graph names the nodes)")
+        truth_nodes = circuit_nodes(truth_circuit)
+    if isinstance(scores, (list, tuple)):
+        circuits = [_circuit_of(c) for c in scores]
+        if level == "node":
+            return _sweep_roc([circuit_nodes(c) for c in circuits], truth_nodes, None, circuits)
+        return _sweep_roc([c.members.cpu() for c in circuits], truth.cpu(), valid.cpu(), circuits)
+    table = _table_of(scores)
+    if level == "node":
+        if table.ndim == 2:
+            table = _node_scores(table, truth_circuit.graph, by_abs)
+        if tuple(table.shape) != tuple(truth_nodes.shape):
+            raise ValueError(f"scores: expected {tuple(truth_nodes.shape)} node scores, got {tuple(table.shape)}")
+        return _ranking_roc(table, truth_nodes, torch.ones_like(truth_nodes), by_abs, "node")
     if table.shape != truth.shape:
         raise ValueError(f"scores and truth: shapes differ, {tuple(table.shape)} vs {tuple(truth.shape)}")
+    return _ranking_roc(table, truth, valid, by_abs, "edge")
+
+
+def _table_of(scores: Circuit | LabelledResult | Tensor) -> Tensor:
+    if isinstance(scores, LabelledResult) and getattr(scores, "circuit", None) is not None:
+        return scores.circuit.scores
+    if isinstance(scores, Circuit):
+        return scores.scores
+    if isinstance(scores, LabelledResult):
+        return scores.values
+    if isinstance(scores, Tensor):
+        return scores
+    raise ValueError("scores: expected a result, a Circuit, a tensor or a list of circuits, "
+                     f"got {type(scores).__name__}")
+
+
+def _circuit_of(c: Circuit | LabelledResult) -> Circuit:
+    circuit = getattr(c, "circuit", None) if isinstance(c, LabelledResult) else c
+    if not isinstance(circuit, Circuit):
+        raise ValueError(f"scores: a sweep is a list of Circuits or results with a `circuit`, got {type(c).__name__}")
+    return circuit
+
+
+def _node_scores(table: Float[Tensor, "n_src n_dst"], graph: ComputeGraph, by_abs: bool) -> Float[Tensor, " n_src"]:
+    """Each component's score: the largest (|·|) score of the edges leaving it or entering its inputs (nan if none
+    is scored)."""
+    s = (table.abs() if by_abs else table).double().cpu()
+    s = torch.nan_to_num(s, nan=-float("inf")).masked_fill(~graph.valid, -float("inf"))
+    node = s.amax(1)
+    for d in range(graph.n_destinations):
+        src = graph.source_index_of_destination(d)
+        if src is not None:
+            node[src] = torch.maximum(node[src], s[:, d].max())
+    return node.masked_fill(node == -float("inf"), float("nan"))
+
+
+def _ranking_roc(table: Tensor, truth: Tensor, valid: Tensor, by_abs: bool, level: str) -> Roc:
     s = table.abs() if by_abs else table
     s = torch.nan_to_num(s.double().cpu(), nan=-float("inf"))[valid.cpu()]
     t = truth.cpu()[valid.cpu()]
     n_pos, n_neg = int(t.sum()), int((~t).sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError("truth: needs at least one edge in and one edge out of the circuit")
+        raise ValueError(f"truth: needs at least one {level} in and one {level} out of the circuit")
     thresholds = torch.unique(s, sorted=True).flip(0)
     tpr = torch.stack([((s >= th) & t).sum() / n_pos for th in thresholds]).double()
     fpr = torch.stack([((s >= th) & ~t).sum() / n_neg for th in thresholds]).double()
-    tpr, fpr = torch.cat([torch.zeros(1, dtype=torch.float64), tpr]), torch.cat([torch.zeros(1, dtype=torch.float64),
-                                                                               fpr])
+    zero = torch.zeros(1, dtype=torch.float64)
     greater = (s[t][:, None] > s[~t][None, :]).double()
     ties = (s[t][:, None] == s[~t][None, :]).double()
     auc = float((greater + 0.5 * ties).mean())
-    return Roc(fpr, tpr, auc)
+    return Roc(torch.cat([zero, fpr]), torch.cat([zero, tpr]), auc, level)
+
+
+def _sweep_roc(found: list[Tensor], truth: Tensor, valid: Tensor | None, circuits: list[Circuit]) -> Roc:
+    """One (FPR, TPR) point per circuit of a sweep, and the area under the step frontier through them."""
+    if not found:
+        raise ValueError("scores: an empty sweep")
+    thresholds = torch.tensor([float(c.attrs.get("threshold", float("nan"))) for c in circuits], dtype=torch.float64)
+    if thresholds.isnan().any():
+        raise ValueError("scores: every circuit of a sweep needs a threshold that is not nan (attribute `threshold`)")
+    if len(torch.unique(thresholds)) != len(thresholds):
+        raise ValueError(f"scores: the sweep's thresholds must be distinct (ties), got {thresholds.tolist()}")
+    level = "edge" if valid is not None else "node"
+    valid = torch.ones_like(truth) if valid is None else valid
+    t = truth[valid]
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"truth: needs at least one {level} in and one {level} out of the circuit")
+    tpr = torch.tensor([float((f[valid] & t).sum()) / n_pos for f in found], dtype=torch.float64)
+    fpr = torch.tensor([float((f[valid] & ~t).sum()) / n_neg for f in found], dtype=torch.float64)
+    return Roc(fpr, tpr, step_auc(fpr, tpr), level, thresholds)
+
+
+def step_auc(fpr: Float[Tensor, " k"], tpr: Float[Tensor, " k"]) -> float:
+    """The area under the step curve through ROC points, with (0, 0) and (1, 1) added: at each FPR x the curve
+    is the best TPR of any point with FPR <= x (the upper-left frontier), so a point counts from its own FPR
+    on. Example: `step_auc(torch.tensor([0.0]), torch.tensor([1.0])) == 1.0`"""
+    x = torch.cat([fpr.double().cpu(), torch.tensor([0.0, 1.0], dtype=torch.float64)])
+    y = torch.cat([tpr.double().cpu(), torch.tensor([0.0, 1.0], dtype=torch.float64)])
+    edges = torch.unique(x, sorted=True)
+    best = torch.stack([y[x <= e].max() for e in edges])
+    widths = torch.diff(torch.cat([edges, torch.tensor([1.0], dtype=torch.float64)]))
+    return float((best * widths).sum())
 
 
 def as_circuit(circuit: Circuit | nx.DiGraph, graph: ComputeGraph, model_description: str) -> Circuit:

@@ -13,10 +13,11 @@ from circuits.tasks.induction import induction_task, repeated_random_tokens, sec
 from circuits.tasks.markov import MarkovChain, bigram_task, markov_chain
 from circuits.tasks.skip_trigram import SkipTrigramTable, skip_trigram_table, skip_trigram_task
 from circuits.tasks.task import Metric, Task, normalise
+from circuits.tasks.tracr import ProgramTask, program_task
 
 __all__ = [
     "HELDOUT_MODULES", "CodeCorpus", "MarkovChain", "Metric", "SkipTrigramTable", "Task", "bigram_task",
     "code_corpus", "code_induction_task", "encode_texts", "induction_task", "markov_chain", "normalise",
     "random_windows", "repeated_random_tokens", "second_half_positions", "skip_trigram_table", "skip_trigram_task",
-    "stdlib_dir",
+    "stdlib_dir", "ProgramTask", "program_task",
 ]

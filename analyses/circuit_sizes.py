@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from analyses.common import load_model, write_outputs
-from circuits.graph import EdgePatcher, acdc, eap, faithfulness_curve
+from circuits.graph import acdc, eap, faithfulness_curve
 from circuits.graph.metric import resolve_metric
+from circuits.graph.patching import EdgePatcher
 from circuits.tasks import Task, induction_task
 from circuits.tasks.task import normalise
 from viz import Section, draw_faithfulness

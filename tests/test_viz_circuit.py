@@ -24,7 +24,8 @@ def parts(fig):
 
 @pytest.fixture(scope="module")
 def planted_circuit(planted):
-    return acdc(planted, induction_task(12, 10, 32, seed=0), threshold=0.01, ablation="zero", progress=False).graph
+    return acdc(planted, induction_task(12, 10, 32, seed=0), threshold=0.01, metric="kl", ablation="zero",
+                progress=False).graph
 
 
 def test_planted_acdc_circuit(planted_circuit):

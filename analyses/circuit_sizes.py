@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
     model = load_model(args.model)
     task = induction_task(args.batch, args.half, model.cfg.d_vocab, seed=0)
     rankings = {"EAP": eap(model, task), "EAP-IG (8 steps)": eap(model, task, ig_steps=8),
-                "ACDC (KL, threshold 0.01)": acdc(model, task, threshold=0.01, progress=not args.quiet)}
+                "ACDC (KL, threshold 0.01)": acdc(model, task, threshold=0.01, metric="kl", progress=not args.quiet)}
     n_total = int(rankings["EAP"].circuit.graph.valid.sum())
     sizes = [n for n in SIZES if n <= n_total]
     curves = {name: faithfulness_curve(model, task, r, sizes) for name, r in rankings.items()}

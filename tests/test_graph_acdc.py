@@ -190,3 +190,51 @@ def test_scores_are_the_metrics_change_and_the_threshold_rule_holds(tiny2, task2
         assert torch.equal(r.circuit.members, mask)
         kept = r.circuit.members & ~r.values.isnan()
         assert kept.any() and (sign * r.values[kept] >= 0.003).all()
+
+
+def test_acdc_and_eap_give_an_edge_the_same_sign(planted, planted_task):
+    """One sign for every method: on the planted circuit, with logit_diff, ACDC's kept edges and EAP-IG's scores
+    of them are both the metric's change when the edge is ablated, negative (the behaviour needs them), so
+    `draw_circuit` colours each edge the same for both. With KL, ACDC's are positive. (EAP-IG's per-edge KL
+    scores are not compared: KL's gradient vanishes at the clean run, and its path integral splits the total
+    among edges with mixed signs.)"""
+    from circuits.graph import eap
+
+    found = acdc(planted, planted_task, threshold=0.01, metric="logit_diff", ablation="resample", progress=False)
+    assert set(found.edges) == PLANTED_RESAMPLE
+    ig = eap(planted, planted_task, ig_steps=16, metric="logit_diff", ablation="resample")
+    kept = found.circuit.members
+    assert (found.values[kept] < 0).all() and (ig.values[kept] < 0).all()
+    colours = [{f"{u}->{v}": d["score"] > 0 for u, v, d in r.graph.edges(data=True)
+                if f"{u}->{v}" in PLANTED_RESAMPLE} for r in (found, ig)]
+    assert colours[0] == colours[1] and len(colours[0]) == len(PLANTED_RESAMPLE)
+    by_kl = acdc(planted, planted_task, threshold=0.01, metric="kl", ablation="resample", progress=False)
+    assert set(by_kl.edges) == PLANTED_RESAMPLE and (by_kl.values[by_kl.circuit.members] > 0).all()
+
+
+def test_acdc_and_eap_share_one_edge_result_interface(planted, planted_task):
+    from circuits.graph import Circuit, eap
+    from circuits.graph.result import EdgeResult
+
+    found = acdc(planted, planted_task, threshold=0.01, metric="kl", ablation="zero", progress=False)
+    scored = eap(planted, planted_task, metric="kl", ablation="zero")
+    for r in (found, scored):
+        assert isinstance(r, EdgeResult) and isinstance(r.circuit, Circuit)
+        residual = {f"{u}->{v}" for u, v, d in r.graph.edges(data=True) if d["kind"] == "residual"}
+        assert set(r.edges) == residual and len(r.edges) == r.n_edges == r.circuit.n_edges  # .edges is .graph's
+        assert set(r.to_networkx().edges) == set(r.graph.edges) and r.to_networkx() is not r.graph
+        assert r.top_n(3).n_edges == 3 and isinstance(r.top_n(3), Circuit)
+        top = r.top(4)
+        assert len(top) == 4 and all(len(k) == 2 and not math.isnan(v) for k, v in top)
+        assert [abs(v) for _, v in top] == sorted((abs(v) for _, v in top), reverse=True)
+    assert len(found.edges) == len(PLANTED_ZERO) and found.graph.number_of_edges() > len(found.edges)  # + internal
+
+
+def test_top_never_ranks_nan_first(planted, planted_task):
+    """After a restriction most entries are nan (not computed): top(k) lists only computed ones."""
+    from circuits.activations import activation_patch
+
+    r = activation_patch(planted, planted_task, "z", per_position=False, heads=[(1, 1)], progress=False)
+    assert r.values.isnan().sum() == r.values.numel() - 1
+    top = r.top(3)
+    assert top == [(("L1", "H1"), float(r.values[1, 1]))]

@@ -16,10 +16,40 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from circuits.results import LabelledResult
-from viz.theme import NEGATIVE, NEUTRAL, POSITIVE, TEMPLATE, as_coloraxis, colour_args, is_signed
+from viz.theme import DIVERGING, NEGATIVE, NEUTRAL, POSITIVE, TEMPLATE, as_coloraxis, colour_args, is_signed
 
 DESCRIBED_INFO = ("site", "metric", "direction", "ablation", "normalised", "by", "kind")
 """The `info` keys that a figure's title states, in this order, when the result has them."""
+METRIC_UNITS = {"logit_diff": "logits", "logprob": "nats", "kl": "nats"}
+"""The unit of each named metric (a custom metric's is unknown)."""
+EDGE_METHODS = ("acdc", "eap", "eap-ig")
+NORMALISED_RANGE = {"colorscale": DIVERGING, "zmid": 0.0, "zmin": -1.0, "zmax": 1.0}
+"""Normalised metrics (0 = corrupted, 1 = clean) on one fixed scale, so that every model's figure reads alike."""
+
+
+def metric_of(result: LabelledResult) -> str | None:
+    """The metric a result was computed with (its `metric` field or `info["metric"]`), if any."""
+    value = getattr(result, "metric", None) or result.info.get("metric")
+    return value.value if isinstance(value, Enum) else value
+
+
+def is_normalised(result: LabelledResult) -> bool:
+    """Patching and attribution results: `values` are the normalised metric."""
+    return hasattr(result, "clean_metric") and hasattr(result, "corrupted_metric")
+
+
+def value_label(result: LabelledResult) -> str:
+    """What a result's values are, with units, for a colour bar or a value axis: "normalised logit_diff
+    (0 = corrupted, 1 = clean)", "Δ kl (nats)" for edge scores, "logit_diff (logits)", or the metric's name."""
+    metric = metric_of(result)
+    if metric is None:
+        return "value"
+    unit = METRIC_UNITS.get(metric)
+    if is_normalised(result):
+        return f"normalised {metric}<br>(0 = corrupted, 1 = clean)"
+    if result.method in EDGE_METHODS:
+        return f"Δ {metric}" + (f" ({unit})" if unit else "")
+    return f"{metric} ({unit})" if unit else str(metric)
 
 
 def as_array(values: Any) -> np.ndarray:
@@ -39,8 +69,11 @@ def ticks(labels: Sequence[str], title: str, max_ticks: int = 60) -> dict[str, A
     """
     step = max(1, math.ceil(len(labels) / max_ticks))
     shown = range(0, len(labels), step)
-    return {"title": {"text": title}, "tickmode": "array", "tickvals": list(shown),
-            "ticktext": [str(labels[i]) for i in shown]}
+    out = {"title": {"text": title}, "tickmode": "array", "tickvals": list(shown),
+           "ticktext": [str(labels[i]) for i in shown]}
+    if len(shown) > 12 and max(len(str(lab)) for lab in labels) > 3:  # position labels "12:tok": turned, smaller
+        out.update(tickangle=-60, tickfont={"size": 11})
+    return out
 
 
 def describe(result: LabelledResult, extra: Sequence[str] = ()) -> str:
@@ -153,16 +186,20 @@ def draw_result(
     signed: bool | None = None,
     facet_dim: int = 0,
     facet_cols: int = 4,
-    value_name: str = "value",
+    value_name: str | None = None,
 ) -> go.Figure:
     """The default figure of any `LabelledResult`, chosen by its number of axes.
 
     1 axis: bar chart; 2 axes: heatmap (rows = first axis); 3 axes: one heatmap per index of axis
     `facet_dim`, sharing one colour scale; 4 axes (pairs such as [layer, head, layer, head]): a heatmap of
     (axis 0, axis 1) pairs against (axis 2, axis 3) pairs. `signed=None` picks the diverging scale when any
-    value is negative. Example: `draw_result(activation_patch(model, task, "z"))`
+    value is negative. The colour bar (or value axis) names the metric and its units (`value_label`); normalised
+    patching results share one fixed scale, −1 to 1 (`NORMALISED_RANGE`), whatever the model.
+    Example: `draw_result(activation_patch(model, task, "z"))`
     """
     title = describe(result) if title is None else title
+    value_name = value_label(result) if value_name is None else value_name
+    colour = NORMALISED_RANGE if is_normalised(result) and signed is not False else None
     z = as_array(result.values)
     if np.iscomplexobj(z):
         raise ValueError("result: complex values cannot be drawn as a heatmap; draw .real or .abs() instead")
@@ -170,10 +207,10 @@ def draw_result(
         return draw_bar(z, result.labels[0], dim=result.dims[0], title=title, signed=signed, value_name=value_name)
     if z.ndim == 2:
         return draw_heatmap(z, result.labels[0], result.labels[1], row_dim=result.dims[0], col_dim=result.dims[1],
-                            title=title, signed=signed, value_name=value_name)
+                            title=title, signed=signed, value_name=value_name, colour=colour)
     if z.ndim == 3:
         return draw_facets(z, result.dims, result.labels, facet_dim=facet_dim, title=title, signed=signed,
-                           facet_cols=facet_cols, value_name=value_name)
+                           facet_cols=facet_cols, value_name=value_name, colour=colour)
     if z.ndim == 4:
         rows, cols = pair_labels(result.labels[0], result.labels[1]), pair_labels(result.labels[2], result.labels[3])
         return draw_heatmap(z.reshape(len(rows), len(cols)), rows, cols,

@@ -30,7 +30,7 @@ from analyses.common import load_model, pearson, resolve_device, write_outputs
 from circuits.activations import activation_patch, attribution_patch, direct_logit_attribution
 from circuits.graph import acdc, eap, faithfulness
 from circuits.models.head_scores import induction_scores, previous_token_scores
-from circuits.results import head_name
+from circuits.results import LabelledResult, head_name
 from circuits.tasks import Task, code_induction_task, induction_task
 from circuits.weights import classify_heads, composition_scores
 from viz import Section, draw_composition, draw_dla, draw_result
@@ -73,8 +73,16 @@ def weights_lens(model: TransformerBridge) -> tuple[Lens, list[Section]]:
             f"shapes (baseline {comps['K'].baseline.mean:.3f} ± {comps['K'].baseline.std:.3f}). From weights "
             f"alone, classify_heads calls {', '.join(lens.evidence['classified']['previous_token']) or 'no head'} "
             f"previous-token and {', '.join(lens.evidence['classified']['induction']) or 'no head'} induction heads.")
-    figures = [draw_composition(comps), draw_result(labels, title="weight signatures per head")]
+    figures = [draw_composition(comps)] + [signature_figure(labels, sig) for sig in ("previous_token", "induction")]
     return lens, [Section("Weights: composition and head signatures", text, figures)]
+
+
+def signature_figure(labels: LabelledResult, signature: str):
+    """One weight signature of `classify_heads` per layer and head, on its own colour scale (the signatures have
+    different ranges: one shared scale would hide the attention-sized ones)."""
+    i = labels.labels[2].index(signature)
+    one = LabelledResult(labels.values[..., i], ("layer", "head"), labels.labels[:2], labels.method, {})
+    return draw_result(one, title=f"weight signature per head: {signature}", value_name=signature.replace("_", " "))
 
 
 def activations_lens(model: TransformerBridge, task: Task) -> tuple[Lens, list[Section]]:

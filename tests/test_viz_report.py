@@ -118,3 +118,12 @@ def test_report_renders_in_headless_chromium(analysis, tmp_path):
     assert console_errors(run.stderr) == []
     assert shot.stat().st_size > 50_000  # a blank page is a few KB
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_table_marks_agreement_and_escapes(tmp_path):
+    rows = [["", "weights", "the lenses"], ["induction head", "L1H1 <b>", "✓ agree"], ["previous", "L0H2", "✗ disagree"]]
+    page = viz.report([viz.Section("Summary", "text", [], rows)], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert page.count('<table class="summary">') == 1 and "<th>weights</th>" in page
+    assert "<td>L1H1 &lt;b&gt;</td>" in page
+    assert '<td class="agree">✓ agree</td>' in page and '<td class="disagree">✗ disagree</td>' in page
+    assert page.index("<table") < page.index("<p>text</p>")  # the table first, then the text

@@ -117,9 +117,7 @@ def _chunks(comps: list[Components], size: Callable[[Components], int], progress
 # On a CPU a chunk's recomputed residual streams total at least 2 MiB (they stay in the L2 caches) and at most
 # 8 MiB (the intermediates, a few times that, stay below the 32 MiB up to which `settle_allocator` has freed
 # memory reused); in between, enough rows for about 2**29 multiply-adds per layer, which amortises the fixed
-# cost of a layer's ~50 operations. Measured on attn2l-induction (d_model 64, attention only: 8 MiB) against
-# 2 MiB: resid_pre by position 37-40 vs 40-47 ms, z 44-52 vs 53-58 ms (medians); GPT-2-shaped models with MLPs
-# (d_model 128-384) take the 2 MiB floor, which measured fastest there (z, 6 × 384: 1.9 s vs 2.9 s at 8 MiB).
+# cost of a layer's ~50 operations (the measurements behind these bounds: docs/performance.md).
 _CPU_CHUNK_BYTES = (2 * 2**20, 8 * 2**20)
 _CPU_CHUNK_MACS = 2**29
 _SINGLE_ROW_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.Z, Site.Q, Site.PATTERN)

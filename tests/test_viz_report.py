@@ -121,7 +121,8 @@ def test_report_renders_in_headless_chromium(analysis, tmp_path):
 
 
 def test_report_table_marks_agreement_and_escapes(tmp_path):
-    rows = [["", "weights", "the lenses"], ["induction head", "L1H1 <b>", "✓ agree"], ["previous", "L0H2", "✗ disagree"]]
+    rows = [["", "weights", "the lenses"], ["induction head", "L1H1 <b>", "✓ agree"],
+            ["previous", "L0H2", "✗ disagree"]]
     page = viz.report([viz.Section("Summary", "text", [], rows)], tmp_path / "r.html").read_text(encoding="utf-8")
     assert page.count('<table class="summary">') == 1 and "<th>weights</th>" in page
     assert "<td>L1H1 &lt;b&gt;</td>" in page

@@ -40,7 +40,8 @@ bench-full: setup
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
-test: lint unit bench docs
+# The docs are built (strict, tutorials executed) and opened in headless Chromium by tests/test_docs_site.py.
+test: lint unit bench
 
 zoo: setup
 	$(PY) -m circuits.models.zoo --all

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from analyses.common import load_model, write_outputs
-from circuits.graph import EdgePatcher, acdc, eap, faithfulness_curve
+from circuits.graph import acdc, eap, faithfulness_curve
 from circuits.graph.metric import resolve_metric
+from circuits.graph.patching import EdgePatcher
 from circuits.tasks import Task, induction_task
 from circuits.tasks.task import normalise
 from viz import Section, draw_faithfulness
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
     model = load_model(args.model)
     task = induction_task(args.batch, args.half, model.cfg.d_vocab, seed=0)
     rankings = {"EAP": eap(model, task), "EAP-IG (8 steps)": eap(model, task, ig_steps=8),
-                "ACDC (KL, threshold 0.01)": acdc(model, task, threshold=0.01, progress=not args.quiet)}
+                "ACDC (KL, threshold 0.01)": acdc(model, task, threshold=0.01, metric="kl", progress=not args.quiet)}
     n_total = int(rankings["EAP"].circuit.graph.valid.sum())
     sizes = [n for n in SIZES if n <= n_total]
     curves = {name: faithfulness_curve(model, task, r, sizes) for name, r in rankings.items()}

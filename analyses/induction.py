@@ -2,14 +2,17 @@
 
     python -m analyses.induction [--model attn2l-induction --model attn2l-pycode] [--device cpu] [--out out/induction]
 
-For each model it names a previous-token head and an induction head three times, independently:
+For each model it first checks the behaviour: the task's metric must be higher on the clean (repeated) rows than
+on the corrupted ones by more than twice its standard error; a model without the behaviour is reported as such and
+no head is named. Otherwise it names a previous-token head and an induction head three times, independently:
 - **weights**: the head pair with the largest K-composition z-score, and `classify_heads`;
 - **activations**: the layer-0 and layer-1 heads whose output, patched from the corrupted run into the clean run
   (noising), costs the most of the metric; with denoising, attribution patching and DLA beside it;
 - **discovery**: the edge from a layer-0 head into a layer-1 head's k input that ACDC, run on the task's metric,
   keeps with the largest score (ACDC on KL, EAP and EAP-IG beside it);
-then says, with numbers, where the lenses agree and where they do not.
-Writes `report.html` and `summary.json` under `--out`.
+then opens its part of the report with a table of what each lens names, marked agree / disagree, and says where
+their finer readings part ways. Writes `report.html` and `summary.json` under `--out`. The models are a list
+(`DEFAULT_MODELS`, or `--model` repeated); each is analysed the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from analyses.common import load_model, pearson, resolve_device, write_outputs
 from circuits.activations import activation_patch, attribution_patch, direct_logit_attribution
 from circuits.graph import acdc, eap, faithfulness
 from circuits.models.head_scores import induction_scores, previous_token_scores
-from circuits.results import head_name
+from circuits.results import LabelledResult, head_name
 from circuits.tasks import Task, code_induction_task, induction_task
 from circuits.weights import classify_heads, composition_scores
 from viz import Section, draw_composition, draw_dla, draw_result
@@ -70,8 +73,16 @@ def weights_lens(model: TransformerBridge) -> tuple[Lens, list[Section]]:
             f"shapes (baseline {comps['K'].baseline.mean:.3f} ± {comps['K'].baseline.std:.3f}). From weights "
             f"alone, classify_heads calls {', '.join(lens.evidence['classified']['previous_token']) or 'no head'} "
             f"previous-token and {', '.join(lens.evidence['classified']['induction']) or 'no head'} induction heads.")
-    figures = [draw_composition(comps), draw_result(labels, title="weight signatures per head")]
+    figures = [draw_composition(comps)] + [signature_figure(labels, sig) for sig in ("previous_token", "induction")]
     return lens, [Section("Weights: composition and head signatures", text, figures)]
+
+
+def signature_figure(labels: LabelledResult, signature: str):
+    """One weight signature of `classify_heads` per layer and head, on its own colour scale (the signatures have
+    different ranges: one shared scale would hide the attention-sized ones)."""
+    i = labels.labels[2].index(signature)
+    one = LabelledResult(labels.values[..., i], ("layer", "head"), labels.labels[:2], labels.method, {})
+    return draw_result(one, title=f"weight signature per head: {signature}", value_name=signature.replace("_", " "))
 
 
 def activations_lens(model: TransformerBridge, task: Task) -> tuple[Lens, list[Section]]:
@@ -104,6 +115,36 @@ def activations_lens(model: TransformerBridge, task: Task) -> tuple[Lens, list[S
                draw_result(attr_pos, title="attribution patching per head and position (denoising)"),
                draw_dla(dla)]
     return lens, [Section("Activations: patching, attribution and DLA", text, figures)]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """The task metric on the clean and corrupted rows: the gap (clean − corrupted, mean over rows), its
+    standard error, and whether the model shows the behaviour (gap > 2 standard errors)."""
+
+    clean: float
+    corrupted: float
+    gap: float
+    stderr: float
+
+    @property
+    def present(self) -> bool:
+        return self.gap > 2 * self.stderr and self.gap > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"clean": round(self.clean, 4), "corrupted": round(self.corrupted, 4), "gap": round(self.gap, 4),
+                "stderr": round(self.stderr, 4), "present": self.present}
+
+
+def check_behaviour(model: TransformerBridge, task: Task) -> Behaviour:
+    """The task's metric per row on clean and corrupted input, and the gap between them."""
+    with torch.no_grad():
+        clean_logits, corrupted_logits = model(task.clean), model(task.corrupted)
+    clean, corrupted = (task.position_terms(task.read_logits(x), clean_logits).double().mean(-1)
+                        for x in (clean_logits, corrupted_logits))  # [batch] each
+    gaps = clean - corrupted
+    stderr = float(gaps.std() / len(gaps) ** 0.5) if len(gaps) > 1 else float("inf")
+    return Behaviour(float(clean.mean()), float(corrupted.mean()), float(gaps.mean()), stderr)
 
 
 def metric_gap(model: TransformerBridge, task: Task) -> float:
@@ -197,13 +238,18 @@ def pattern_text(check: dict[str, Any]) -> str:
             f"copy is {check['induction_head']} (mean attention {check['induction_score']:.2f}).")
 
 
-def agreement_text(model_name: str, agree: dict[str, Any]) -> str:
-    lines = []
-    for role, label in (("previous_token_head", "previous-token head"), ("induction_head", "induction head")):
+ROLES = (("previous_token_head", "previous-token head"), ("induction_head", "induction head"))
+
+
+def summary_table(agree: dict[str, Any], check: dict[str, Any]) -> list[list[str]]:
+    """One row per role: what each lens names, the attention-pattern check, and whether the lenses agree."""
+    lenses = list(agree[ROLES[0][0]]["named"])
+    rows = [["", *lenses, "attention patterns (a check)", "the lenses"]]
+    for role, label in ROLES:
         named = agree[role]["named"]
-        verdict = "all three lenses agree" if agree[role]["agree"] else "the lenses disagree"
-        lines.append(f"{label}: " + ", ".join(f"{k} → {v}" for k, v in named.items()) + f" ({verdict}).")
-    return f"On {model_name}: " + " ".join(lines)
+        verdict = "✓ agree" if agree[role]["agree"] else "✗ disagree"
+        rows.append([label, *(named[k] or "none" for k in lenses), check[role], verdict])
+    return rows
 
 
 def disagreement_text(lenses: dict[str, Lens]) -> str:
@@ -235,8 +281,22 @@ def disagreement_text(lenses: dict[str, Lens]) -> str:
     return " ".join(parts)
 
 
+def no_behaviour_section(name: str, task: Task, behaviour: Behaviour) -> Section:
+    text = (f"On {task.name} ({task.batch} rows, metric {task.metric.value}), {name} scores {behaviour.clean:.3f} on "
+            f"the clean rows and {behaviour.corrupted:.3f} on the corrupted ones: a clean − corrupted gap of "
+            f"{behaviour.gap:+.3f} ± {behaviour.stderr:.3f} (standard error over rows). The model does not show "
+            "the induction behaviour, so there is no induction circuit to find: no previous-token or induction "
+            "head is named, and the three lenses were not run.")
+    return Section(f"{name}: no induction behaviour", text, [])
+
+
 def analyse(name: str, model: TransformerBridge, *, batch: int, threshold: float, seed: int) -> tuple[dict, list]:
     task = make_task(model, batch=batch, seed=seed)
+    task_info = {"name": task.name, "batch": task.batch, "seq_len": task.seq_len, "metric": task.metric.value}
+    behaviour = check_behaviour(model, task)
+    if not behaviour.present:
+        return {"task": task_info, "behaviour": behaviour.as_dict(), "lenses": None, "agreement": None}, [
+            no_behaviour_section(name, task, behaviour)]
     timings, lenses, sections = {}, {}, []
     for lens_name, run in (("weights", lambda: weights_lens(model)),
                            ("activations", lambda: activations_lens(model, task)),
@@ -247,18 +307,22 @@ def analyse(name: str, model: TransformerBridge, *, batch: int, threshold: float
         sections += secs
     agree = agreement(lenses)
     check = pattern_check(model, task)
-    text = agreement_text(name, agree) + " " + pattern_text(check) + "\n\n" + disagreement_text(lenses)
-    sections.insert(0, Section(f"{name}: where the lenses agree, and where they do not", text, []))
+    text = (f"The behaviour: {task.metric.value} {behaviour.clean:.2f} on clean rows, {behaviour.corrupted:.2f} on "
+            f"corrupted ones (gap {behaviour.gap:+.2f} ± {behaviour.stderr:.2f}). The table gives the head each "
+            "lens names; the attention-pattern column is a check outside the three lenses.\n\n"
+            + pattern_text(check) + "\n\n" + disagreement_text(lenses))
+    sections.insert(0, Section(f"{name}: what each lens names", text, [], summary_table(agree, check)))
     summary = {
-        "task": {"name": task.name, "batch": task.batch, "seq_len": task.seq_len, "metric": task.metric.value},
+        "task": task_info,
+        "behaviour": behaviour.as_dict(),
         "lenses": {k: {"previous_token_head": v.previous_token_head, "induction_head": v.induction_head,
                        **v.evidence} for k, v in lenses.items()},
         "agreement": agree,
         "attention_pattern_check": check,
         "seconds": timings,
     }
-    return summary, [Section(f"{name}: {s.title}", s.text, s.figures) if not s.title.startswith(name) else s
-                     for s in sections]
+    return summary, [Section(f"{name}: {s.title}", s.text, s.figures, s.table) if not s.title.startswith(name)
+                     else s for s in sections]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from bench.conftest import FULL
-from circuits.graph import EdgePatcher, acdc, eap, resolve_metric
+from circuits.graph import acdc, eap
+from circuits.graph.metric import resolve_metric
+from circuits.graph.patching import EdgePatcher
 from circuits.models import random_gpt2, random_llama
 from circuits.tasks import induction_task
 from tests.helpers import reference_acdc

@@ -4,10 +4,8 @@ glibc serves an allocation above its mmap threshold (128 KiB at start) with a fr
 memory at the top of its heap back to the system once it exceeds the trim threshold. Both thresholds rise
 only when a mapped block is freed: to that block's size (at most 32 MiB) and twice that. The patched runs of
 both engines allocate and free tensors of a few MiB per chunk, so until the process has freed one large
-block their memory keeps going back to the system and is faulted in again, page by page: on
-`attn2l-induction` (32 × 35 tokens), 6,000-12,000 page faults and 17-42 ms of system time per resid_pre
-activation patching call (54-90 ms in all; settled: 0-120 faults, 46-48 ms), 1,300 per EAP call (15.4 vs
-13.2 ms).
+block their memory keeps going back to the system and is faulted in again, page by page (what that cost is
+measured in docs/performance.md).
 
 `settle_allocator` frees one untouched block just under 32 MiB: what the process would do itself after its
 first large tensor. It costs microseconds, touches no memory, and afterwards up to 64 MiB of free heap is

@@ -39,11 +39,15 @@ class LabelledResult:
         return self.values.shape
 
     def top(self, k: int = 5, *, by_abs: bool = True) -> list[tuple[tuple[str, ...], float]]:
-        """The k largest entries (by |value| unless `by_abs=False`) as (labels, value) pairs."""
+        """The k largest entries (by |value| unless `by_abs=False`) as (labels, value) pairs; nan entries (not
+        computed, e.g. left out by `heads=`/`positions=`, or not an edge) are never listed. Ties keep index order."""
         flat = self.values.detach().flatten().float()
-        order = (flat.abs() if by_abs else flat).argsort(descending=True)[:k]
+        key = (flat.abs() if by_abs else flat).nan_to_num(nan=-torch.inf).masked_fill(flat.isnan(), -torch.inf)
+        order = torch.sort(key, descending=True, stable=True).indices[:k]
         out = []
         for i in order.tolist():
+            if torch.isnan(flat[i]):
+                continue
             idx = torch.unravel_index(torch.tensor(i), self.values.shape)
             out.append((tuple(self.labels[a][int(j)] for a, j in enumerate(idx)), float(flat[i])))
         return out

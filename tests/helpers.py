@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from circuits.graph import EdgePatcher, resolve_metric
+from circuits.graph.metric import resolve_metric
+from circuits.graph.patching import EdgePatcher
 
 
 def perturb_norms_and_biases(model, seed: int = 0) -> None:
@@ -17,7 +18,7 @@ def perturb_norms_and_biases(model, seed: int = 0) -> None:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
 
 
-def reference_acdc(model, task, *, threshold, metric="kl", ablation="resample", order="latest_first"):
+def reference_acdc(model, task, *, threshold, metric=None, ablation="resample", order="latest_first"):
     """The plain ACDC algorithm: for each destination from the logits back, for each incoming edge in turn,
     one full forward of the patched model (from the embeddings, every edge mask applied); remove the edge
     when the loss rises by less than `threshold`. A destination whose head/MLP no longer has an outgoing

@@ -260,23 +260,24 @@ def test_hooks_are_removed_after_success_and_after_a_failing_metric(mlp_model, t
         with pytest.raises(RuntimeError, match="metric failed"):
             attribution_patch(mlp_model, task, "z", metric=boom, direction=direction, backend=backend)
         assert _no_hooks(mlp_model)
-    with pytest.raises(ValueError, match="metric: must return a scalar"):
-        attribution_patch(mlp_model, task, "v", metric=lambda logits: logits[:, -1, 0], backend=backend)
+    with pytest.raises(ValueError, match="metric: expected a callable returning a scalar"):
+        attribution_patch(mlp_model, task, "v", metric=lambda logits_at: logits_at[:, -1, 0], backend=backend)
     assert _no_hooks(mlp_model)
     torch.testing.assert_close(mlp_model(task.clean), before, atol=0, rtol=0)  # the model is unchanged
 
 
 def test_custom_metric_matches_the_oracle(mlp_model, task):
-    def metric(logits):
-        return logits[:, -1].log_softmax(-1)[:, 3].mean()
+    """A custom metric reads the logits at the task's metric positions [batch, n, vocab] (the one contract)."""
+    def last_logprob_of_3(logits_at):
+        return logits_at[:, -1].log_softmax(-1)[:, 3].mean()
 
-    pos = torch.tensor([task.seq_len - 1])
+    pos = task.positions[-1:]
     custom_task = type(task)("last", task.clean, task.corrupted, torch.full((task.batch, 1), 3), pos,
                              metric="logprob")
     ref = _first_order_oracle(mlp_model, custom_task, "k", "denoising")
     for backend in BACKENDS:
-        ours = attribution_patch(mlp_model, task, "k", metric=metric, backend=backend)
-        assert ours.metric == "custom"
+        ours = attribution_patch(mlp_model, task, "k", metric=last_logprob_of_3, backend=backend)
+        assert ours.metric == "last_logprob_of_3"
         torch.testing.assert_close(ours.effect, ref, rtol=1e-4, atol=1e-6)
 
 

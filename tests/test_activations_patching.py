@@ -7,7 +7,7 @@ import torch
 import transformer_lens.patching as tlp
 from jaxtyping import TypeCheckError
 
-from circuits.activations import Site, activation_patch
+from circuits.activations import Site, activation_patch, attribution_patch
 from circuits.models import ModelSpec, build, random_gpt2
 from circuits.tasks import Task, induction_task
 
@@ -209,8 +209,9 @@ def test_bad_inputs_raise_clear_errors(tiny2, task):
 
 @pytest.mark.parametrize("backend", ["weights", "hooks"])
 def test_non_scalar_metric_raises_and_hooks_are_removed(tiny2, task, backend):
-    with pytest.raises(ValueError, match="metric: must return a scalar"):
-        activation_patch(tiny2, task, "z", metric=lambda logits: logits[:, -1, 0], backend=backend, progress=False)
+    with pytest.raises(ValueError, match="metric: expected a callable returning a scalar"):
+        activation_patch(tiny2, task, "z", metric=lambda logits_at: logits_at[:, -1, 0], backend=backend,
+                         progress=False)
     assert _no_hooks(tiny2)
 
     def boom(logits):
@@ -222,12 +223,40 @@ def test_non_scalar_metric_raises_and_hooks_are_removed(tiny2, task, backend):
 
 
 def test_custom_metric_matches_transformer_lens(tiny2, task):
-    def metric(logits):
-        return logits[:, -1].log_softmax(-1)[:, 3].mean()
+    """A custom metric receives the logits at the task's metric positions [batch, n, vocab] (the one contract)."""
+    def last_logprob_of_3(logits_at):
+        assert logits_at.shape[:2] == (task.batch, len(task.positions))
+        return logits_at[:, -1].log_softmax(-1)[:, 3].mean()
 
-    ours = activation_patch(tiny2, task, "q", metric=metric, progress=False)
-    torch.testing.assert_close(ours.raw, _tl_oracle(tiny2, task, "q", True, metric), atol=TOL, rtol=0)
-    assert ours.metric == "custom"
+    ours = activation_patch(tiny2, task, "q", metric=last_logprob_of_3, progress=False)
+    oracle = _tl_oracle(tiny2, task, "q", True, lambda logits: last_logprob_of_3(task.read_logits(logits)))
+    torch.testing.assert_close(ours.raw, oracle, atol=TOL, rtol=0)
+    assert ours.metric == "last_logprob_of_3"
+
+
+@pytest.mark.parametrize("backend", ["weights", "hooks"])
+@pytest.mark.parametrize("metric", ["kl", "logprob"])
+def test_named_metric_equals_one_forward_per_component(tiny2, task, metric, backend):
+    """`metric="kl"` / `"logprob"` scores the task's data by that metric: equal to the brute-force loop on the
+    task re-scored, in both directions, for patching and (its estimate) attribution."""
+    for direction in ("denoising", "noising"):
+        ours = activation_patch(tiny2, task, "z", metric=metric, direction=direction, backend=backend,
+                                progress=False)
+        ref = _loop_oracle(tiny2, task.with_metric(metric), "z", True, direction)
+        torch.testing.assert_close(ours.raw, ref, atol=TOL, rtol=0)
+        assert ours.metric == metric
+    attributed = attribution_patch(tiny2, task, "z", metric=metric, backend=backend)
+    same = attribution_patch(tiny2, task.with_metric(metric), "z", backend=backend)
+    torch.testing.assert_close(attributed.raw, same.raw, atol=0, rtol=0)
+    assert attributed.metric == metric
+
+
+def test_metric_argument_is_checked(tiny2, task):
+    with pytest.raises(ValueError, match="metric must be one of"):
+        activation_patch(tiny2, task, "z", metric="accuracy", progress=False)
+    no_wrong = Task("t", task.clean, task.corrupted, task.answers, task.positions, metric="logprob")
+    with pytest.raises(ValueError, match="'logit_diff' needs a task with wrong_answers"):
+        activation_patch(tiny2, no_wrong, "z", metric="logit_diff", progress=False)
 
 
 def _sharp_model(dtype: torch.dtype):

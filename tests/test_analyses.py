@@ -11,11 +11,41 @@ from circuits.models.zoo import model_card
 
 
 @pytest.fixture(scope="module")
-def induction_summary(tmp_path_factory):
+def induction_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("induction")
     induction.main(["--model", "attn2l-induction", "--out", str(out)])
-    assert (out / "report.html").stat().st_size > 0
-    return json.loads((out / "summary.json").read_text())["models"]["attn2l-induction"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def induction_summary(induction_run):
+    assert (induction_run / "report.html").stat().st_size > 0
+    return json.loads((induction_run / "summary.json").read_text())["models"]["attn2l-induction"]
+
+
+def test_report_opens_with_a_table_of_what_each_lens_names(induction_run, induction_summary):
+    page = (induction_run / "report.html").read_text(encoding="utf-8")
+    assert page.count('<table class="summary">') == 1
+    table = page[page.index('<table class="summary">'):page.index("</table>")]
+    for lens in ("weights", "activations", "discovery", "attention patterns (a check)"):
+        assert f"<th>{lens}</th>" in table
+    named = induction_summary["agreement"]["induction_head"]["named"]["weights"]
+    assert f"<td>{named}</td>" in table and table.count('<td class="agree">✓ agree</td>') == 2
+    assert induction_summary["behaviour"]["present"] and induction_summary["behaviour"]["gap"] > 1
+
+
+def test_a_model_without_the_behaviour_names_no_head(tmp_path):
+    """A random 2-layer model has no induction behaviour: the analysis says so and names no head."""
+    from circuits.models import attn_only, save
+
+    folder = save(attn_only(2, 64, 4, 16, d_vocab=64, n_ctx=64, seed=3), tmp_path / "random2l")
+    summary = induction.main(["--model", str(folder), "--out", str(tmp_path / "out"), "--batch", "8"])
+    result = summary["models"][str(folder)]
+    assert not result["behaviour"]["present"] and result["lenses"] is None and result["agreement"] is None
+    assert result["behaviour"]["gap"] <= 2 * result["behaviour"]["stderr"]
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "no induction behaviour" in page and "no previous-token or induction head is named" in page
+    assert '<table class="summary">' not in page  # no lens table: nothing is named
 
 
 def test_three_lenses_name_the_same_heads_on_attn2l_induction(induction_summary):

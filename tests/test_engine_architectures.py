@@ -13,7 +13,9 @@ from transformer_lens import TransformerBridge
 from transformer_lens.config import TransformerBridgeConfig
 
 from circuits.engine import Weights, unsupported
-from circuits.graph import Circuit, ComputeGraph, EdgePatcher, acdc, eap, faithfulness, resolve_metric
+from circuits.graph import Circuit, ComputeGraph, acdc, eap, faithfulness
+from circuits.graph.metric import resolve_metric
+from circuits.graph.patching import EdgePatcher
 from circuits.models import random_gpt2, random_llama, random_mistral, random_neox, random_qwen2
 from circuits.tasks import induction_task
 

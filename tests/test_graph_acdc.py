@@ -22,8 +22,8 @@ def task24():
 
 @pytest.mark.parametrize("threshold", [1e-4, 1e-3, 3e-3, 0.01])
 def test_exact_mode_equals_plain_algorithm(tiny2, task24, threshold):
-    ours = acdc(tiny2, task24, threshold=threshold, progress=False)
-    mask, n_forwards = reference_acdc(tiny2, task24, threshold=threshold)
+    ours = acdc(tiny2, task24, metric="kl", threshold=threshold, progress=False)
+    mask, n_forwards = reference_acdc(tiny2, task24, metric="kl", threshold=threshold)
     assert torch.equal(ours.circuit.members, mask)
     assert ours.circuit.n_edges > 0  # a non-trivial circuit (random models have small effects)
     assert ours.info["n_batches"] < n_forwards
@@ -44,8 +44,8 @@ def test_exact_mode_equals_plain_algorithm_other_settings(tiny2, task24, thresho
 @pytest.mark.parametrize("threshold,ablation", [(0.001, "resample"), (0.003, "zero"), (0.03, "zero")])
 def test_exact_mode_equals_plain_algorithm_with_mlps(task24, threshold, ablation):
     model = build(ModelSpec(2, 32, 2, 8, 24, 20, d_mlp=48, act_fn="gelu"), seed=5)
-    ours = acdc(model, task24, threshold=threshold, ablation=ablation, progress=False)
-    mask, _ = reference_acdc(model, task24, threshold=threshold, ablation=ablation)
+    ours = acdc(model, task24, metric="kl", threshold=threshold, ablation=ablation, progress=False)
+    mask, _ = reference_acdc(model, task24, metric="kl", threshold=threshold, ablation=ablation)
     assert torch.equal(ours.circuit.members, mask)
     assert ours.circuit.n_edges > 0
 
@@ -78,7 +78,7 @@ def planted_task():
 @pytest.mark.parametrize("threshold", [1e-3, 0.01, 0.1, 1.0])
 def test_planted_zero_ablation_gives_the_planted_circuit(planted, planted_task, threshold):
     assert planted.planted.previous_token == (0, 2) and planted.planted.induction == (1, 1)
-    r = acdc(planted, planted_task, threshold=threshold, ablation="zero", progress=False)
+    r = acdc(planted, planted_task, metric="kl", threshold=threshold, ablation="zero", progress=False)
     assert set(r.edges) == PLANTED_ZERO
     residual = {f"{u}->{v}" for u, v, a in r.graph.edges(data=True) if a["kind"] == "residual"}
     assert residual == PLANTED_ZERO
@@ -90,7 +90,7 @@ def test_planted_zero_ablation_gives_the_planted_circuit(planted, planted_task, 
 
 @pytest.mark.parametrize("threshold", [1e-3, 0.1, 1.0])
 def test_planted_resample_ablation_keeps_edges_that_carry_a_difference(planted, planted_task, threshold):
-    r = acdc(planted, planted_task, threshold=threshold, ablation="resample", progress=False)
+    r = acdc(planted, planted_task, metric="kl", threshold=threshold, ablation="resample", progress=False)
     assert set(r.edges) == PLANTED_RESAMPLE
     # the edges ACDC dropped as carrying no difference really change nothing
     assert r.values[0, ComputeGraph.of(planted).edge("pos_embed", "L0H2.q").dst].abs() < 1e-6
@@ -112,9 +112,9 @@ def test_edges_that_carry_nothing_are_removed_without_a_forward(tiny2, task24, m
 
     evaluate_columns = acdc_module.evaluate_columns
     monkeypatch.setattr(acdc_module, "evaluate_columns", spy)
-    ours = acdc(tiny2, task24, threshold=1e-3, progress=False)
+    ours = acdc(tiny2, task24, metric="kl", threshold=1e-3, progress=False)
     monkeypatch.undo()
-    mask, n_plain = reference_acdc(tiny2, task24, threshold=1e-3)
+    mask, n_plain = reference_acdc(tiny2, task24, metric="kl", threshold=1e-3)
     assert torch.equal(ours.circuit.members, mask)
     inert = [(g.source_names.index("pos_embed"), d) for d in range(g.n_destinations)]
     last = [d for d, node in enumerate(g.destinations) if node.layer == g.n_layers - 1 and node.qkv == "q"]
@@ -126,23 +126,13 @@ def test_edges_that_carry_nothing_are_removed_without_a_forward(tiny2, task24, m
     assert all(not columns[:, s].any() for d, columns in evaluated for s, d2 in inert if d2 == d)
     # threshold 0: measured by a forward like the rest (a rounding-sized score, its sign deciding; the plain
     # algorithm's own rounding then decides differently for some, so there is no circuit to compare)
-    at_zero = acdc(tiny2, task24, threshold=0.0, progress=False)
+    at_zero = acdc(tiny2, task24, metric="kl", threshold=0.0, progress=False)
     s, d = inert[0]  # pos_embed -> the first destination, the last one visited: never dropped unvisited
     assert not math.isnan(at_zero.values[s, d]) and abs(at_zero.values[s, d]) < 1e-5
 
 
-def test_batched_mode(tiny2, planted, planted_task, task24):
-    r = acdc(planted, planted_task, threshold=0.01, ablation="zero", mode="batched", progress=False)
-    assert set(r.edges) == PLANTED_ZERO
-    exact = acdc(tiny2, task24, threshold=0.01, progress=False)
-    batched = acdc(tiny2, task24, threshold=0.01, mode="batched", progress=False)
-    assert batched.n_forwards <= exact.n_forwards + ComputeGraph.of(tiny2).n_destinations
-    # each batched decision compares an edge against the same circuit: its score is the loss rise alone
-    assert batched.info["mode"] == "batched" and batched.circuit.n_edges > 0
-
-
 def test_result_contents(tiny2, task24):
-    r = acdc(tiny2, task24, threshold=0.02, progress=False)
+    r = acdc(tiny2, task24, metric="kl", threshold=0.02, progress=False)
     g = ComputeGraph.of(tiny2)
     assert r.values.shape == (g.n_sources, g.n_destinations)
     assert r.dims == ("source", "destination")
@@ -158,25 +148,93 @@ def test_result_contents(tiny2, task24):
 
 def test_bad_input(tiny2, task24, capsys):
     with pytest.raises(ValueError, match="threshold must be a number >= 0"):
-        acdc(tiny2, task24, threshold=-0.1)
+        acdc(tiny2, task24, metric="kl", threshold=-0.1)
     with pytest.raises((ValueError, TypeError), match="mode"):
-        acdc(tiny2, task24, threshold=0.1, mode="fast")
+        acdc(tiny2, task24, metric="kl", threshold=0.1, mode="fast")
     with pytest.raises(ValueError, match="metric: expected a callable returning a scalar"):
         acdc(tiny2, task24, threshold=0.1, metric=lambda logits: logits.mean(-1))
     with pytest.raises(ValueError, match="metric must be one of"):
         acdc(tiny2, task24, threshold=0.1, metric="accuracy")
-    acdc(tiny2, task24, threshold=0.5, progress=False)
+    acdc(tiny2, task24, metric="kl", threshold=0.5, progress=False)
     assert capsys.readouterr().out == ""
 
 
-def test_custom_metric_is_a_loss(tiny2_noln, task24):
-    """A callable metric is a loss: with the negative logit difference it matches metric='logit_diff'."""
+def test_custom_metric_reads_like_logit_diff(tiny2_noln, task24):
+    """A callable metric is read like logit_diff (higher is better): the logit difference written as a callable
+    gives metric='logit_diff''s circuit and scores."""
     t = task24
 
-    def neg_logit_diff(logits):
-        ans = logits.gather(-1, t.answers[..., None]) - logits.gather(-1, t.wrong_answers[..., None])
-        return -ans.mean()
+    def my_logit_diff(logits_at):  # [batch, n, vocab] at the metric positions
+        return (logits_at.gather(-1, t.answers[..., None]) - logits_at.gather(-1, t.wrong_answers[..., None])).mean()
 
-    a = acdc(tiny2_noln, t, threshold=0.05, metric=neg_logit_diff, progress=False)
-    b = acdc(tiny2_noln, t, threshold=0.05, metric="logit_diff", progress=False)
+    a = acdc(tiny2_noln, t, threshold=1e-4, metric=my_logit_diff, progress=False)
+    b = acdc(tiny2_noln, t, threshold=1e-4, metric="logit_diff", progress=False)
+    assert torch.equal(a.circuit.members, b.circuit.members) and 0 < a.circuit.n_edges
+    torch.testing.assert_close(a.values, b.values, equal_nan=True, rtol=0, atol=1e-5)
+    assert a.info["metric"] == "my_logit_diff" and b.info["metric"] == "logit_diff"
+
+
+def test_default_metric_is_the_tasks(tiny2, task24):
+    a = acdc(tiny2, task24, threshold=0.01, progress=False)
+    b = acdc(tiny2, task24, threshold=0.01, metric=task24.metric, progress=False)
+    assert a.info["metric"] == task24.metric.value == "logit_diff"
     assert torch.equal(a.circuit.members, b.circuit.members)
+
+
+def test_scores_are_the_metrics_change_and_the_threshold_rule_holds(tiny2, task24):
+    """Scores are metric(without the edge) − metric(with it): for logit_diff a kept edge scored <= −threshold
+    (removing it cost at least the threshold), for KL >= +threshold; the plain algorithm agrees."""
+    for metric, sign in (("logit_diff", -1.0), ("kl", 1.0)):
+        r = acdc(tiny2, task24, threshold=0.003, metric=metric, progress=False)
+        mask, _ = reference_acdc(tiny2, task24, threshold=0.003, metric=metric)
+        assert torch.equal(r.circuit.members, mask)
+        kept = r.circuit.members & ~r.values.isnan()
+        assert kept.any() and (sign * r.values[kept] >= 0.003).all()
+
+
+def test_acdc_and_eap_give_an_edge_the_same_sign(planted, planted_task):
+    """One sign for every method: on the planted circuit, with logit_diff, ACDC's kept edges and EAP-IG's scores
+    of them are both the metric's change when the edge is ablated, negative (the behaviour needs them), so
+    `draw_circuit` colours each edge the same for both. With KL, ACDC's are positive. (EAP-IG's per-edge KL
+    scores are not compared: KL's gradient vanishes at the clean run, and its path integral splits the total
+    among edges with mixed signs.)"""
+    from circuits.graph import eap
+
+    found = acdc(planted, planted_task, threshold=0.01, metric="logit_diff", ablation="resample", progress=False)
+    assert set(found.edges) == PLANTED_RESAMPLE
+    ig = eap(planted, planted_task, ig_steps=16, metric="logit_diff", ablation="resample")
+    kept = found.circuit.members
+    assert (found.values[kept] < 0).all() and (ig.values[kept] < 0).all()
+    colours = [{f"{u}->{v}": d["score"] > 0 for u, v, d in r.graph.edges(data=True)
+                if f"{u}->{v}" in PLANTED_RESAMPLE} for r in (found, ig)]
+    assert colours[0] == colours[1] and len(colours[0]) == len(PLANTED_RESAMPLE)
+    by_kl = acdc(planted, planted_task, threshold=0.01, metric="kl", ablation="resample", progress=False)
+    assert set(by_kl.edges) == PLANTED_RESAMPLE and (by_kl.values[by_kl.circuit.members] > 0).all()
+
+
+def test_acdc_and_eap_share_one_edge_result_interface(planted, planted_task):
+    from circuits.graph import Circuit, eap
+    from circuits.graph.result import EdgeResult
+
+    found = acdc(planted, planted_task, threshold=0.01, metric="kl", ablation="zero", progress=False)
+    scored = eap(planted, planted_task, metric="kl", ablation="zero")
+    for r in (found, scored):
+        assert isinstance(r, EdgeResult) and isinstance(r.circuit, Circuit)
+        residual = {f"{u}->{v}" for u, v, d in r.graph.edges(data=True) if d["kind"] == "residual"}
+        assert set(r.edges) == residual and len(r.edges) == r.n_edges == r.circuit.n_edges  # .edges is .graph's
+        assert set(r.to_networkx().edges) == set(r.graph.edges) and r.to_networkx() is not r.graph
+        assert r.top_n(3).n_edges == 3 and isinstance(r.top_n(3), Circuit)
+        top = r.top(4)
+        assert len(top) == 4 and all(len(k) == 2 and not math.isnan(v) for k, v in top)
+        assert [abs(v) for _, v in top] == sorted((abs(v) for _, v in top), reverse=True)
+    assert len(found.edges) == len(PLANTED_ZERO) and found.graph.number_of_edges() > len(found.edges)  # + internal
+
+
+def test_top_never_ranks_nan_first(planted, planted_task):
+    """After a restriction most entries are nan (not computed): top(k) lists only computed ones."""
+    from circuits.activations import activation_patch
+
+    r = activation_patch(planted, planted_task, "z", per_position=False, heads=[(1, 1)], progress=False)
+    assert r.values.isnan().sum() == r.values.numel() - 1
+    top = r.top(3)
+    assert top == [(("L1", "H1"), float(r.values[1, 1]))]

@@ -9,8 +9,9 @@ import networkx as nx
 import pytest
 import torch
 
-from circuits.graph import Circuit, ComputeGraph, EdgePatcher, eap, faithfulness, faithfulness_curve, roc
+from circuits.graph import Circuit, ComputeGraph, eap, faithfulness, faithfulness_curve, roc
 from circuits.graph.metric import resolve_metric
+from circuits.graph.patching import EdgePatcher
 from circuits.models import planted_induction
 from circuits.tasks import induction_task
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from circuits.graph import ComputeGraph, EdgePatcher, patch_edges
+from circuits.graph import ComputeGraph, patch_edges
 from circuits.graph.incremental import circuit_state, commit_column, evaluate_column
+from circuits.graph.patching import EdgePatcher
 from circuits.models import ModelSpec, build
 from circuits.tasks import induction_task
 

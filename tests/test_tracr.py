@@ -11,7 +11,8 @@ import torch
 from test_graph_patching import hooked_edge_patch
 from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
-from circuits.graph import Circuit, ComputeGraph, EdgePatcher, acdc, eap, roc
+from circuits.graph import Circuit, ComputeGraph, acdc, eap, roc
+from circuits.graph.patching import EdgePatcher
 from circuits.graph.faithfulness import step_auc
 from circuits.graph.known import circuit_nodes, inert_edges, residual_circuit
 from circuits.graph.node_patching import node_patching

@@ -24,7 +24,8 @@ def parts(fig):
 
 @pytest.fixture(scope="module")
 def planted_circuit(planted):
-    return acdc(planted, induction_task(12, 10, 32, seed=0), threshold=0.01, ablation="zero", progress=False).graph
+    return acdc(planted, induction_task(12, 10, 32, seed=0), threshold=0.01, metric="kl", ablation="zero",
+                progress=False).graph
 
 
 def test_planted_acdc_circuit(planted_circuit):
@@ -78,3 +79,26 @@ def test_bad_input():
     g.add_node("x", kind="neuron", layer=0, head=None)
     with pytest.raises(ValueError, match="has kind 'neuron'"):
         viz.draw_circuit(g)
+
+
+def test_edge_width_legend_and_sign_names_the_metric(planted_circuit):
+    """The legend has a scale for edge width (three widths, the |score| each stands for, the largest equal to the
+    widest edge) and says what a sign means for the circuit's metric."""
+    fig = viz.draw_circuit(planted_circuit)
+    legend = [t for t in fig.data if (t.meta or {}).get("role") == "legend"]
+    widths = [(t.name, t.line.width) for t in legend if t.name.startswith("width: |score|")]
+    assert len(widths) == 3 and widths[0][1] > widths[1][1] > widths[2][1]
+    edges, _, _ = parts(fig)
+    assert widths[0][1] == pytest.approx(max(t.line.width for t in edges))
+    scores = [abs(a["score"]) for _, _, a in planted_circuit.edges(data=True) if a["kind"] == "residual"]
+    assert widths[0][0] == f"width: |score| {max(scores):.3g}"
+    assert any("raises kl" in t.name for t in legend) and any("lowers kl" in t.name for t in legend)
+
+
+def test_titles_sit_below_the_toolbar_band(planted_circuit):
+    from viz.theme import TOOLBAR_BAND
+
+    fig = viz.draw_circuit(planted_circuit)
+    title = fig.layout.template.layout.title
+    assert title.yref == "container" and title.yanchor == "top" and title.pad.t >= TOOLBAR_BAND
+    assert fig.layout.template.layout.margin.t >= TOOLBAR_BAND + 50

@@ -306,3 +306,30 @@ def test_roc_and_faithfulness_curves_plot_the_given_points(planted, run):
     assert [s.y0 for s in faith.layout.shapes] == [0.0, 1.0]
     with pytest.raises(ValueError, match="curve"):
         viz.draw_faithfulness({"bad": object()})
+
+
+def test_colour_bars_name_the_metric_and_normalised_results_share_one_scale(planted):
+    from circuits.activations import activation_patch
+    from circuits.tasks import induction_task
+    from viz.labelled import NICE_RANGES
+
+    task = induction_task(4, 6, planted.cfg.d_vocab, seed=0)
+    for metric in ("logit_diff", "kl"):
+        r = activation_patch(planted, task, "z", per_position=False, metric=metric, progress=False)
+        fig = viz.draw_result(r)
+        assert fig.data[0].colorbar.title.text.startswith(f"normalised {metric}")
+        bound = fig.data[0].zmax
+        assert fig.data[0].zmid == 0 and fig.data[0].zmin == -bound and np.nanmax(np.abs(fig.data[0].z)) <= bound
+        assert bound in (0.5, 1.0, 2.0)  # a whole-head patch moves the normalised metric by order 1
+        per_pos = viz.draw_result(activation_patch(planted, task, "z", metric=metric, progress=False))
+        assert per_pos.layout.coloraxis.colorbar.title.text.startswith(f"normalised {metric}")
+        axis = per_pos.layout.coloraxis
+        assert axis.cmid == 0 and axis.cmin == -axis.cmax and axis.cmax in NICE_RANGES
+
+
+def test_long_position_labels_are_turned():
+    from viz.labelled import ticks
+
+    assert ticks([f"{i}:tok{i}" for i in range(20)], "pos")["tickangle"] == -60  # "12:tok12" side by side overlap
+    assert "tickangle" not in ticks([str(i) for i in range(20)], "pos")
+    assert "tickangle" not in ticks(["L0H0:x", "L0H1:y"], "head")

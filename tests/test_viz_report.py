@@ -8,14 +8,12 @@ installed (CI's `.ci/run` installs Debian's `chromium`).
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from browser import chromium, console_errors, needs_chromium, probe
 from plotly.offline import get_plotlyjs
 from test_viz_figures import direct_logit_attribution, previous_token_scores
 
@@ -25,26 +23,6 @@ from viz.report import plot_div_count
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT_DIR = ROOT / "out" / "viz-test"
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on PATH (Debian: apt-get install "
-                                    "chromium; .ci/run installs it)")
-
-# Injected at the top of <head> of a copy of the report: records uncaught errors, rejected promises and
-# console.error calls, then (after load) writes them and the count of rendered plots into the DOM.
-PROBE = """<script>
-window.__probe = [];
-window.addEventListener("error", e => window.__probe.push("error: " + e.message));
-window.addEventListener("unhandledrejection", e => window.__probe.push("rejection: " + e.reason));
-(function () { const ce = console.error; console.error = function (...a) {
-  window.__probe.push("console.error: " + a.join(" ")); ce.apply(console, a); }; })();
-window.addEventListener("load", () => setTimeout(() => {
-  const out = document.createElement("pre"); out.id = "__probe";
-  out.textContent = JSON.stringify({errors: window.__probe,
-    rendered: document.querySelectorAll(".js-plotly-plot").length,
-    svgs: document.querySelectorAll(".js-plotly-plot .main-svg").length,
-    tables: document.querySelectorAll(".js-plotly-plot .table").length});
-  document.body.appendChild(out); }, 500));
-</script>"""
 
 
 def small_analysis(model) -> list[viz.Section]:
@@ -110,33 +88,6 @@ def test_report_rejects_what_is_not_a_figure(tmp_path, analysis):
     assert plot_div_count(ok.read_text()) == 1
 
 
-def chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    """Run headless Chromium once (no sandbox: CI runs as root)."""
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-           "--disable-extensions", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def console_errors(stderr: str) -> list[str]:
-    """Console lines Chromium logged for the page that report an error."""
-    lines = [ln for ln in stderr.splitlines() if ":CONSOLE" in ln]
-    return [ln for ln in lines if re.search(r"Uncaught|Error|error", ln)]
-
-
-def probe(page: Path, tmp: Path) -> tuple[dict, list[str]]:
-    """Open a copy of `page` with the error probe injected; return the probe's findings and console errors."""
-    text = page.read_text(encoding="utf-8")
-    probed = tmp / f"probed-{page.name}"
-    probed.write_text(text.replace("<head>", "<head>" + PROBE, 1) if "<head>" in text else PROBE + text,
-                      encoding="utf-8")
-    run = chromium("--dump-dom", probed.as_uri())
-    assert run.returncode == 0, run.stderr[-2000:]
-    found = re.search(r'<pre id="__probe">(.*?)</pre>', run.stdout, flags=re.S)
-    assert found, "the probe did not report: the page did not finish loading within the time budget"
-    return json.loads(found.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")), \
-        console_errors(run.stderr)
-
-
 @needs_chromium
 def test_the_probe_catches_javascript_errors(tmp_path):
     """Negative control: a page with a broken script must be reported, or the browser test proves nothing."""
@@ -167,3 +118,13 @@ def test_report_renders_in_headless_chromium(analysis, tmp_path):
     assert console_errors(run.stderr) == []
     assert shot.stat().st_size > 50_000  # a blank page is a few KB
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_table_marks_agreement_and_escapes(tmp_path):
+    rows = [["", "weights", "the lenses"], ["induction head", "L1H1 <b>", "✓ agree"],
+            ["previous", "L0H2", "✗ disagree"]]
+    page = viz.report([viz.Section("Summary", "text", [], rows)], tmp_path / "r.html").read_text(encoding="utf-8")
+    assert page.count('<table class="summary">') == 1 and "<th>weights</th>" in page
+    assert "<td>L1H1 &lt;b&gt;</td>" in page
+    assert '<td class="agree">✓ agree</td>' in page and '<td class="disagree">✗ disagree</td>' in page
+    assert page.index("<table") < page.index("<p>text</p>")  # the table first, then the text

@@ -2,7 +2,8 @@
 
 Layers run left to right: the embeddings, then for each layer its heads' q/k/v inputs, its heads (grouped,
 head 0 on top) and its MLP, and the logits last. Residual edges are lines whose width follows |score| and
-whose colour gives the sign (red positive, blue negative, grey unscored); the dash tells q (solid), k
+whose colour gives the sign (red positive, blue negative, grey unscored; a score is the metric's change when
+the edge is removed, the same sign for every method), with a legend of the widths; the dash tells q (solid), k
 (dashed) and v (dotted) inputs apart, and the input nodes carry the q/k/v colours. Internal edges (a head's
 input → the head) are thin grey. Hovering an edge's midpoint shows its score. In a big circuit the edges
 below a threshold are drawn faded (thin, light grey), never dropped: every edge of the graph is drawn.
@@ -17,7 +18,7 @@ import networkx as nx
 import numpy as np
 import plotly.graph_objects as go
 
-from viz.theme import FADED, NEGATIVE, NEUTRAL, POSITIVE, QKV_COLOURS, QKV_DASHES, TEMPLATE
+from viz.theme import BASELINE, FADED, NEGATIVE, NEUTRAL, POSITIVE, QKV_COLOURS, QKV_DASHES, TEMPLATE
 
 NODE_COLOURS = {"tok_embed": "#444444", "pos_embed": "#444444", "head": "#222222", "mlp": "#8c564b",
                 "logits": "#000000"}
@@ -56,8 +57,8 @@ def _edge_style(score: float, qkv: str | None, kind: str, scale: float, threshol
         return {"color": NEUTRAL, "width": 1.5, "dash": QKV_DASHES.get(qkv, "solid")}
     if abs(score) < threshold:
         return {"color": FADED, "width": MIN_WIDTH, "dash": QKV_DASHES.get(qkv, "solid")}
-    width = MIN_WIDTH + (MAX_WIDTH - MIN_WIDTH) * (abs(score) / scale if scale > 0 else 1.0)
-    return {"color": POSITIVE if score >= 0 else NEGATIVE, "width": width, "dash": QKV_DASHES.get(qkv, "solid")}
+    return {"color": POSITIVE if score >= 0 else NEGATIVE, "width": width_of(score, scale),
+            "dash": QKV_DASHES.get(qkv, "solid")}
 
 
 def default_threshold(scores: np.ndarray, bold: int = BOLD_EDGES) -> float:
@@ -111,7 +112,7 @@ def draw_circuit(
                                  showlegend=False, meta={"role": "edge", "edge": [u, v]}))
     _add_edge_hover(fig, residual, pos)
     _add_nodes(fig, graph, pos)
-    _add_legend(fig)
+    _add_legend(fig, scale if finite.size else 0.0, graph.graph.get("metric"))
     n_res = len(residual)
     if title is None:
         attrs = graph.graph
@@ -175,11 +176,22 @@ def _add_nodes(fig: go.Figure, graph: nx.DiGraph, pos: dict) -> None:
         meta={"role": "nodes", "names": names}))
 
 
-def _add_legend(fig: go.Figure) -> None:
-    """Legend-only traces (no data): the q/k/v dashes and the sign colours."""
+def width_of(score: float, scale: float) -> float:
+    """The line width of an edge of |score| in a figure whose largest |score| is `scale`."""
+    return MIN_WIDTH + (MAX_WIDTH - MIN_WIDTH) * (abs(score) / scale if scale > 0 else 1.0)
+
+
+def _add_legend(fig: go.Figure, scale: float, metric: str | None) -> None:
+    """Legend-only traces (no data): the q/k/v dashes, the sign colours (what a sign means for the metric),
+    and the edge-width scale (three widths and the |score| each stands for)."""
+    what = metric or "the metric"
     entries = [(f"→ {x} input", {"color": QKV_COLOURS[x], "dash": QKV_DASHES[x], "width": 2}) for x in "qkv"]
-    entries += [("score > 0", {"color": POSITIVE, "width": 3}), ("score < 0", {"color": NEGATIVE, "width": 3}),
+    entries += [(f"score > 0: removing it raises {what}", {"color": POSITIVE, "width": 3}),
+                (f"score < 0: removing it lowers {what}", {"color": NEGATIVE, "width": 3}),
                 ("faded / unscored", {"color": NEUTRAL, "width": 1})]
+    if scale > 0:
+        entries += [(f"width: |score| {v:.3g}", {"color": BASELINE, "width": width_of(v, scale)})
+                    for v in (scale, scale / 2, scale / 4)]
     for name, line in entries:
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line, name=name, hoverinfo="skip",
                                  meta={"role": "legend"}))

@@ -16,7 +16,8 @@ from viz.theme import DIVERGING, NEGATIVE, POSITIVE, TEMPLATE
 HEAD_NAME = re.compile(r"^L(\d+)H(\d+)$")
 
 
-def draw_dla(result: LabelledResult, *, title: str | None = None, value_name: str = "logit diff") -> go.Figure:
+def draw_dla(result: LabelledResult, *, title: str | None = None,
+             value_name: str = "direct effect on logit diff (logits)") -> go.Figure:
     """Direct logit attribution as a bar chart by component and, for the heads, a layer × head heatmap.
 
     Accepts the result by head ([layer, head]) or by component ([component], labels such as "embed",

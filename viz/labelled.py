@@ -16,10 +16,59 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from circuits.results import LabelledResult
-from viz.theme import NEGATIVE, NEUTRAL, POSITIVE, TEMPLATE, as_coloraxis, colour_args, is_signed
+from viz.theme import (
+    DIVERGING,
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    TEMPLATE,
+    TOOLBAR_BAND,
+    as_coloraxis,
+    colour_args,
+    is_signed,
+)
 
 DESCRIBED_INFO = ("site", "metric", "direction", "ablation", "normalised", "by", "kind")
 """The `info` keys that a figure's title states, in this order, when the result has them."""
+METRIC_UNITS = {"logit_diff": "logits", "logprob": "nats", "kl": "nats"}
+"""The unit of each named metric (a custom metric's is unknown)."""
+EDGE_METHODS = ("acdc", "eap", "eap-ig")
+NICE_RANGES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def normalised_colour(z: np.ndarray) -> dict[str, Any]:
+    """Normalised metrics (0 = corrupted, 1 = clean) on one diverging scale, white at 0 and symmetric, to the
+    first of `NICE_RANGES` that holds every |value|: per-head results of every model read on ±1, and small
+    per-position effects are not washed out."""
+    finite = np.abs(z[np.isfinite(z)])
+    top = float(finite.max()) if finite.size else 1.0
+    bound = next((r for r in NICE_RANGES if top <= r), top)
+    return {"colorscale": DIVERGING, "zmid": 0.0, "zmin": -bound, "zmax": bound}
+
+
+def metric_of(result: LabelledResult) -> str | None:
+    """The metric a result was computed with (its `metric` field or `info["metric"]`), if any."""
+    value = getattr(result, "metric", None) or result.info.get("metric")
+    return value.value if isinstance(value, Enum) else value
+
+
+def is_normalised(result: LabelledResult) -> bool:
+    """Patching and attribution results: `values` are the normalised metric."""
+    return hasattr(result, "clean_metric") and hasattr(result, "corrupted_metric")
+
+
+def value_label(result: LabelledResult) -> str:
+    """What a result's values are, with units, for a colour bar or a value axis: "normalised logit_diff
+    (0 = corrupted, 1 = clean)", "Δ kl (nats)" for edge scores, "logit_diff (logits)", or the metric's name."""
+    metric = metric_of(result)
+    if metric is None:
+        return "value"
+    unit = METRIC_UNITS.get(metric)
+    if is_normalised(result):
+        return f"normalised {metric}<br>(0 = corrupted, 1 = clean)"
+    if result.method in EDGE_METHODS:
+        return f"Δ {metric}" + (f" ({unit})" if unit else "")
+    return f"{metric} ({unit})" if unit else str(metric)
 
 
 def as_array(values: Any) -> np.ndarray:
@@ -39,8 +88,11 @@ def ticks(labels: Sequence[str], title: str, max_ticks: int = 60) -> dict[str, A
     """
     step = max(1, math.ceil(len(labels) / max_ticks))
     shown = range(0, len(labels), step)
-    return {"title": {"text": title}, "tickmode": "array", "tickvals": list(shown),
-            "ticktext": [str(labels[i]) for i in shown]}
+    out = {"title": {"text": title}, "tickmode": "array", "tickvals": list(shown),
+           "ticktext": [str(labels[i]) for i in shown]}
+    if len(shown) > 12 and max(len(str(lab)) for lab in labels) > 3:  # position labels "12:tok": turned, smaller
+        out.update(tickangle=-60, tickfont={"size": 11})
+    return out
 
 
 def describe(result: LabelledResult, extra: Sequence[str] = ()) -> str:
@@ -119,7 +171,7 @@ def draw_heatmap(
     fig.data[0].colorbar = {"title": {"text": value_name}}
     fig.update_layout(template=TEMPLATE, title={"text": title},
                       xaxis=ticks(col_labels, col_dim), yaxis={**ticks(row_labels, row_dim), "autorange": "reversed"})
-    _size_heatmap(fig, len(row_labels), len(col_labels))
+    _size_heatmap(fig, len(row_labels), len(col_labels), title)
     return fig
 
 
@@ -153,27 +205,31 @@ def draw_result(
     signed: bool | None = None,
     facet_dim: int = 0,
     facet_cols: int = 4,
-    value_name: str = "value",
+    value_name: str | None = None,
 ) -> go.Figure:
     """The default figure of any `LabelledResult`, chosen by its number of axes.
 
     1 axis: bar chart; 2 axes: heatmap (rows = first axis); 3 axes: one heatmap per index of axis
     `facet_dim`, sharing one colour scale; 4 axes (pairs such as [layer, head, layer, head]): a heatmap of
     (axis 0, axis 1) pairs against (axis 2, axis 3) pairs. `signed=None` picks the diverging scale when any
-    value is negative. Example: `draw_result(activation_patch(model, task, "z"))`
+    value is negative. The colour bar (or value axis) names the metric and its units (`value_label`); normalised
+    patching results share one symmetric scale, white at 0, ±1 when any entry reaches 1 (`normalised_colour`).
+    Example: `draw_result(activation_patch(model, task, "z"))`
     """
     title = describe(result) if title is None else title
+    value_name = value_label(result) if value_name is None else value_name
     z = as_array(result.values)
     if np.iscomplexobj(z):
         raise ValueError("result: complex values cannot be drawn as a heatmap; draw .real or .abs() instead")
+    colour = normalised_colour(z) if is_normalised(result) and signed is not False else None
     if z.ndim == 1:
         return draw_bar(z, result.labels[0], dim=result.dims[0], title=title, signed=signed, value_name=value_name)
     if z.ndim == 2:
         return draw_heatmap(z, result.labels[0], result.labels[1], row_dim=result.dims[0], col_dim=result.dims[1],
-                            title=title, signed=signed, value_name=value_name)
+                            title=title, signed=signed, value_name=value_name, colour=colour)
     if z.ndim == 3:
         return draw_facets(z, result.dims, result.labels, facet_dim=facet_dim, title=title, signed=signed,
-                           facet_cols=facet_cols, value_name=value_name)
+                           facet_cols=facet_cols, value_name=value_name, colour=colour)
     if z.ndim == 4:
         rows, cols = pair_labels(result.labels[0], result.labels[1]), pair_labels(result.labels[2], result.labels[3])
         return draw_heatmap(z.reshape(len(rows), len(cols)), rows, cols,
@@ -215,26 +271,31 @@ def draw_facets(
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=facet_labels, horizontal_spacing=0.06,
                         vertical_spacing=min(0.12, 0.3 / n_rows))
     row_dim, col_dim = dims[rest[0]], dims[rest[1]]
+    facet_px = _clamp(80 + 20 * z.shape[2], 240, 560)
+    max_x_ticks = max(2, int(facet_px // 18))  # turned labels need about 18 px each
     for i in range(n):
         r, c = divmod(i, n_cols)
         fig.add_trace(heatmap(z[i], labels[rest[0]], labels[rest[1]], row_dim=row_dim, col_dim=col_dim,
                               coloraxis="coloraxis", name=facet_labels[i], value_name=value_name),
                       row=r + 1, col=c + 1)
-        fig.update_xaxes(ticks(labels[rest[1]], col_dim if r == n_rows - 1 else ""), row=r + 1, col=c + 1)
+        fig.update_xaxes(ticks(labels[rest[1]], col_dim if r == n_rows - 1 else "", max_ticks=max_x_ticks),
+                         row=r + 1, col=c + 1)
         fig.update_yaxes({**ticks(labels[rest[0]], row_dim if c == 0 else ""), "autorange": "reversed"},
                          row=r + 1, col=c + 1)
     scale = as_coloraxis(colour if colour is not None else colour_args(z, signed))
     fig.update_layout(template=TEMPLATE, title={"text": title},
                       coloraxis={**scale, "colorbar": {"title": {"text": value_name}}},
-                      height=int(90 + n_rows * _clamp(70 + 20 * z.shape[1], 200, 520)),
-                      width=int(170 + n_cols * _clamp(80 + 20 * z.shape[2], 240, 560)))
+                      height=int(90 + TOOLBAR_BAND + n_rows * _clamp(70 + 20 * z.shape[1], 200, 520)
+                                 + (50 if "tickangle" in ticks(labels[rest[1]], "", max_x_ticks) else 0)),
+                      width=int(170 + n_cols * facet_px))
     return fig
 
 
-def _size_heatmap(fig: go.Figure, n_rows: int, n_cols: int) -> None:
-    """Cells of a readable size: at least 300 px high, about 22 px a row up to 1200 px."""
+def _size_heatmap(fig: go.Figure, n_rows: int, n_cols: int, title: str = "") -> None:
+    """Cells of a readable size: at least 300 px high, about 22 px a row up to 1200 px; wide enough for the
+    title (about 10 px a character at the title's size)."""
     fig.update_layout(height=int(min(1200, max(320, 140 + 22 * n_rows))),
-                      width=int(min(1400, max(480, 220 + 28 * n_cols))))
+                      width=int(min(1400, max(480, 220 + 28 * n_cols, 80 + 10 * len(title)))))
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:

@@ -19,11 +19,14 @@ PLOT_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions":
 
 @dataclass(frozen=True)
 class Section:
-    """One section of a report: a heading, a short text (blank lines separate paragraphs) and figures."""
+    """One section of a report: a heading, a short text (blank lines separate paragraphs), an optional table
+    (rows of strings, the first row its header; a cell starting with ✓ or ✗ is marked agree / disagree) and
+    figures."""
 
     title: str
     text: str = ""
     figures: Sequence[go.Figure] = field(default_factory=tuple)
+    table: Sequence[Sequence[str]] = field(default_factory=tuple)
 
 
 STYLE = f"""
@@ -34,6 +37,11 @@ h2 {{ font-size: 22px; margin: 36px 0 8px; border-bottom: 1px solid #ddd; paddin
 p {{ max-width: 900px; margin: 6px 0; }}
 .meta {{ color: #666; font-size: 14px; }}
 nav ol {{ padding-left: 22px; margin: 8px 0; }}
+table.summary {{ border-collapse: collapse; margin: 12px 0; background: white; font-size: 15px; }}
+table.summary th, table.summary td {{ border: 1px solid #ddd; padding: 6px 12px; text-align: left; }}
+table.summary th {{ background: #f0f0f0; }}
+td.agree {{ color: #1a7f37; font-weight: 600; }}
+td.disagree {{ color: #b42318; font-weight: 600; }}
 .figure {{ background: white; border: 1px solid #e4e4e4; border-radius: 4px; margin: 14px 0; padding: 6px;
            overflow-x: auto; }}
 """
@@ -77,6 +85,8 @@ def report(
     n = 0
     for i, s in enumerate(parsed):
         parts.append(f'<section id="section-{i}"><h2>{html.escape(s.title)}</h2>')
+        if s.table:
+            parts.append(_table(s.table))
         if s.text:
             parts.append(_paragraphs(s.text))
         for fig in s.figures:
@@ -93,7 +103,8 @@ def _section(item: Section | tuple | Mapping[str, Any], index: int) -> Section:
     if isinstance(item, Section):
         section = item
     elif isinstance(item, Mapping):
-        section = Section(item["title"], item.get("text", ""), tuple(item.get("figures", ())))
+        section = Section(item["title"], item.get("text", ""), tuple(item.get("figures", ())),
+                          tuple(item.get("table", ())))
     elif isinstance(item, tuple) and len(item) == 3:
         section = Section(item[0], item[1], tuple(item[2]))
     else:
@@ -104,6 +115,19 @@ def _section(item: Section | tuple | Mapping[str, Any], index: int) -> Section:
             raise ValueError(f"sections[{index}].figures[{j}]: expected a plotly Figure, got {type(fig).__name__} "
                              "(draw results with the viz functions first)")
     return section
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """An HTML table (escaped); the first row is the header; ✓ / ✗ cells are marked agree / disagree."""
+    def cell(tag: str, value: object) -> str:
+        text = str(value)
+        mark = ' class="agree"' if text.startswith("✓") else ' class="disagree"' if text.startswith("✗") else ""
+        return f"<{tag}{mark}>{html.escape(text)}</{tag}>"
+
+    head, *body = rows
+    out = ["<table class=\"summary\"><thead><tr>" + "".join(cell("th", c) for c in head) + "</tr></thead><tbody>"]
+    out += ["<tr>" + "".join(cell("td", c) for c in row) + "</tr>" for row in body]
+    return "".join(out) + "</tbody></table>"
 
 
 def _paragraphs(text: str) -> str:

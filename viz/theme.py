@@ -37,15 +37,19 @@ QKV_DASHES = {"q": "solid", "k": "dash", "v": "dot", None: "solid"}
 SERIES = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
 TEMPLATE_NAME = "circuits"
+TOOLBAR_BAND = 34
+"""Pixels at the top of every figure kept clear for Plotly's toolbar: titles start below it."""
 
 TEMPLATE = go.layout.Template(
     layout=go.Layout(
         font={"family": FONT_FAMILY, "size": FONT_SIZE, "color": "#222222"},
-        title={"font": {"size": FONT_SIZE + 4}, "x": 0.02, "xanchor": "left"},
+        # the title sits in the top margin, below the band where Plotly's toolbar (the modebar) appears
+        title={"font": {"size": FONT_SIZE + 4}, "x": 0.02, "xanchor": "left", "y": 1.0, "yref": "container",
+               "yanchor": "top", "pad": {"t": TOOLBAR_BAND}},
         paper_bgcolor="white",
         plot_bgcolor="white",
         colorway=list(SERIES),
-        margin={"l": 70, "r": 30, "t": 70, "b": 60},
+        margin={"l": 70, "r": 30, "t": TOOLBAR_BAND + 60, "b": 60},
         xaxis={"showgrid": False, "zeroline": False, "ticks": "outside", "automargin": True, "linecolor": "#999999"},
         yaxis={"showgrid": True, "gridcolor": "#eeeeee", "zeroline": False, "ticks": "outside", "automargin": True,
                "linecolor": "#999999"},

@@ -12,7 +12,7 @@ from transformer_lens import TransformerBridge
 
 from circuits.activations import engine
 from circuits.activations.patching import Backend, Direction
-from circuits.activations.readout import CustomMetric, Reader, call_metric, check_tokens
+from circuits.activations.readout import Reader, call_metric, check_tokens
 from circuits.activations.result import PatchResult, make_result
 from circuits.activations.sites import (
     Site,
@@ -23,6 +23,7 @@ from circuits.activations.sites import (
     token_labels,
 )
 from circuits.tasks import Task
+from circuits.tasks.metrics import MetricSpec, resolve
 
 
 def attribution_patch(
@@ -34,7 +35,7 @@ def attribution_patch(
     direction: Direction = "denoising",
     heads: list[tuple[int, int]] | None = None,
     positions: list[int] | Int[Tensor, " n"] | None = None,
-    metric: CustomMetric | None = None,
+    metric: MetricSpec = None,
     backend: Backend = "auto",
 ) -> PatchResult:
     """Estimate `activation_patch` to first order: (source − base activation) · ∂metric/∂activation.
@@ -44,6 +45,8 @@ def attribution_patch(
     the sign of activation patching (exact when the metric is linear in the activation). Cost: one forward +
     backward on the run being patched and one forward on the other, whatever the number of components.
     Same axes, labels and result type as `activation_patch`; `raw` = unpatched metric + estimate.
+    `metric`: the task's (None), "logit_diff", "logprob", "kl", or a callable of the logits at the metric
+    positions [batch, n, vocab] → scalar, as for `activation_patch`.
     Note: with the KL metric the gradient at the clean run is zero, so noising estimates are all 0.
 
     Example: `attribution_patch(model, task, "z").top(5)`
@@ -51,6 +54,8 @@ def attribution_patch(
     site = parse_site(model, site)
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction: expected 'denoising' or 'noising', got {direction!r}")
+    resolved = resolve(task, metric)
+    task, custom = resolved.task, resolved.on_full_logits() if resolved.is_custom else None
     check_tokens(task, model.cfg.n_ctx, model.cfg.d_vocab)
     L, H, P = model.cfg.n_layers, model.cfg.n_heads, task.seq_len
     pos_list = check_positions(positions, P)
@@ -62,7 +67,7 @@ def attribution_patch(
     if backend not in ("weights", "hooks"):
         raise ValueError(f"backend: expected 'auto', 'weights' or 'hooks', got {backend!r}")
     grab = _weights_grads if backend == "weights" else _hook_grads
-    base_acts, grads, src_acts, clean_m, corrupted_m = grab(model, task, site, direction, metric)
+    base_acts, grads, src_acts, clean_m, corrupted_m = grab(model, task, site, direction, custom)
     scores = torch.stack([_contract(site, d, g) for d, g in zip(
         [s - b for s, b in zip(src_acts, base_acts)], grads)]).cpu()  # [layer, (head,) pos]
     mask = torch.zeros(P, dtype=torch.bool)
@@ -77,7 +82,7 @@ def attribution_patch(
     dims, labels = result_axes(site, per_position, L, H, token_labels(model, task.clean[0]))
     return make_result(
         unpatched + scores, method="attribution_patch", dims=dims, labels=labels, site=site.value,
-        direction=direction, metric="custom" if metric is not None else task.metric.value, clean=clean_m,
+        direction=direction, metric=resolved.name, clean=clean_m,
         corrupted=corrupted_m, info={"backend": backend, "per_position": per_position},
     )
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from circuits.activations import engine, hooked
-from circuits.activations.readout import CustomMetric, Reader, check_tokens, task_metric
+from circuits.activations.readout import Reader, check_tokens, task_metric
 from circuits.activations.result import PatchResult, make_result
 from circuits.activations.site_patch import patched_resid
 from circuits.activations.sites import (
@@ -28,6 +28,7 @@ from circuits.activations.sites import (
     token_labels,
 )
 from circuits.tasks import Task
+from circuits.tasks.metrics import MetricSpec, resolve
 
 Direction = Literal["denoising", "noising"]
 Backend = Literal["auto", "weights", "hooks"]
@@ -44,7 +45,7 @@ def activation_patch(
     positions: list[int] | Int[Tensor, " n"] | None = None,
     batch_limit: int | None = None,
     progress: bool = True,
-    metric: CustomMetric | None = None,
+    metric: MetricSpec = None,
     backend: Backend = "auto",
     memory_mb: float | int = 512,
 ) -> PatchResult:
@@ -66,14 +67,16 @@ def activation_patch(
     a single changed position in O(d_head) per query (see `key_update`), reads only the logits the metric
     reads, and runs nothing for a component whose patch writes the base run's own value (bitwise: e.g. every
     position before the first token where clean and corrupted differ); `hooks` runs the bridge itself with
-    one temporary hook per stacked forward. `metric` (logits [batch, pos, vocab]
-    → scalar) replaces the task's.
+    one temporary hook per stacked forward. `metric`: the task's (None), "logit_diff", "logprob", "kl", or a
+    callable of the logits at the metric positions [batch, n, vocab] → scalar (`circuits.tasks.metrics`).
 
     Example: `activation_patch(model, induction_task(32, 17, 50), "z").top(5)`
     """
     site = parse_site(model, site)
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction: expected 'denoising' or 'noising', got {direction!r}")
+    resolved = resolve(task, metric)
+    task, custom = resolved.task, resolved.on_full_logits() if resolved.is_custom else None
     if batch_limit is not None and (not isinstance(batch_limit, int) or batch_limit < 1):
         raise ValueError(f"batch_limit: expected a positive integer, got {batch_limit!r}")
     check_tokens(task, model.cfg.n_ctx, model.cfg.d_vocab)
@@ -90,12 +93,12 @@ def activation_patch(
     shape = (L, H, P) if site.per_head else (L, P)
     shape = shape if per_position else shape[:-1]
     run = _run_weights if backend == "weights" else _run_hooks
-    raw, clean_m, corrupted_m = run(model, task, site, comps, direction, metric, batch_limit, memory_mb, progress,
+    raw, clean_m, corrupted_m = run(model, task, site, comps, direction, custom, batch_limit, memory_mb, progress,
                                     torch.full(shape, math.nan))
     dims, labels = result_axes(site, per_position, L, H, token_labels(model, task.clean[0]))
     return make_result(
         raw, method="activation_patch", dims=dims, labels=labels, site=site.value, direction=direction,
-        metric="custom" if metric is not None else task.metric.value, clean=clean_m, corrupted=corrupted_m,
+        metric=resolved.name, clean=clean_m, corrupted=corrupted_m,
         info={"backend": backend, "per_position": per_position},
     )
 
@@ -114,9 +117,7 @@ def _chunks(comps: list[Components], size: Callable[[Components], int], progress
 # On a CPU a chunk's recomputed residual streams total at least 2 MiB (they stay in the L2 caches) and at most
 # 8 MiB (the intermediates, a few times that, stay below the 32 MiB up to which `settle_allocator` has freed
 # memory reused); in between, enough rows for about 2**29 multiply-adds per layer, which amortises the fixed
-# cost of a layer's ~50 operations. Measured on attn2l-induction (d_model 64, attention only: 8 MiB) against
-# 2 MiB: resid_pre by position 37-40 vs 40-47 ms, z 44-52 vs 53-58 ms (medians); GPT-2-shaped models with MLPs
-# (d_model 128-384) take the 2 MiB floor, which measured fastest there (z, 6 × 384: 1.9 s vs 2.9 s at 8 MiB).
+# cost of a layer's ~50 operations (the measurements behind these bounds: docs/performance.md).
 _CPU_CHUNK_BYTES = (2 * 2**20, 8 * 2**20)
 _CPU_CHUNK_MACS = 2**29
 _SINGLE_ROW_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.Z, Site.Q, Site.PATTERN)

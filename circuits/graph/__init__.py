@@ -1,9 +1,5 @@
 """The computational graph, edge patching, circuit discovery (ACDC, EAP, EAP-IG) and faithfulness.
 
-Files: `nodes` (nodes, edges, the graph's structure), `circuit` (dense scores and membership, networkx,
-JSON), `forward` (the model's forward from its weights), `patching` (the edge-patching engine), `metric`,
-`acdc`, `eap`, `faithfulness` (with `roc`), `known` (circuits known from the weights), `node_patching`.
-
 The circuit DiGraph schema (shared with `viz.circuit`; `Circuit.to_networkx()`, `ACDCResult.graph`):
 - Graph attributes: `n_layers`, `n_heads`, `model` (a short description with a weight fingerprint),
   `method` ("acdc", "eap", "eap-ig"), `metric`, `ablation`, `threshold` (when relevant), `mode` (ACDC).
@@ -31,18 +27,16 @@ from circuits.graph.acdc import ACDCResult, acdc, prune_dead_ends
 from circuits.graph.circuit import Circuit, top_n_mask
 from circuits.graph.eap import EAPResult, eap
 from circuits.graph.faithfulness import Faithfulness, FaithfulnessCurve, Roc, faithfulness, faithfulness_curve, roc
-from circuits.graph.incremental import CircuitState, circuit_state, commit_column, evaluate_column
 from circuits.graph.known import circuit_nodes, residual_circuit
-from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.node_patching import NodePatchingResult, node_patching
 from circuits.graph.nodes import ComputeGraph, Edge, Node, NodeKind, attn_only_edge_count
-from circuits.graph.patching import Ablation, EdgePatcher, patch_edges
+from circuits.graph.patching import Ablation, patch_edges
 
+# The public API, documented in docs/api/graph.md. The engine's pieces (EdgePatcher, NativeWeights, the
+# incremental state, the metric resolver) are internals, imported from their modules.
 __all__ = [
-    "ACDCResult", "Ablation", "Circuit", "CircuitState", "ComputeGraph", "circuit_state", "commit_column",
-    "evaluate_column", "EAPResult", "Edge", "EdgePatcher",
-    "Faithfulness", "FaithfulnessCurve", "GraphMetric", "Node", "NodeKind", "Roc", "acdc",
-    "attn_only_edge_count", "eap", "faithfulness", "faithfulness_curve", "patch_edges", "prune_dead_ends",
-    "resolve_metric", "roc", "top_n_mask", "circuit_nodes", "residual_circuit", "NodePatchingResult",
+    "ACDCResult", "Ablation", "Circuit", "ComputeGraph", "EAPResult", "Edge", "Faithfulness", "FaithfulnessCurve",
+    "Node", "NodeKind", "Roc", "acdc", "attn_only_edge_count", "eap", "faithfulness", "faithfulness_curve",
+    "patch_edges", "prune_dead_ends", "roc", "top_n_mask", "circuit_nodes", "residual_circuit", "NodePatchingResult",
     "node_patching",
 ]

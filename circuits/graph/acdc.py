@@ -7,9 +7,9 @@ remove it if the loss rises by less than `threshold` over the current circuit's 
 otherwise. A head or MLP whose output has no kept edge left cannot affect the output: its incoming edges
 are dropped without a forward (as ACDC does). Every test costs one forward of the whole model.
 
-`mode="exact"` makes the same decisions with far less work:
+The walk makes the same decisions with far less work:
 - candidates for one destination differ from the current circuit only in that destination's column, so
-  only that node and what it reaches along kept edges is recomputed (`EdgePatcher.evaluate_column`); the
+  only that node and what it reaches along kept edges is recomputed (`circuits.graph.incremental.evaluate_columns`); the
   prefix below it is the shared clean run, and the last layer is computed at the metric positions only;
 - decisions are sequential, so a batch of candidates is built from guessed decisions (first round: as
   the last destination of the same kind went, else remove; later rounds: remove iff its removal along the
@@ -19,32 +19,29 @@ are dropped without a forward (as ACDC does). Every test costs one forward of th
 - an edge whose source equals its ablated value wherever the destination reads it (for resample ablation
   the positional embedding, and at the metric positions any token the clean and corrupted inputs share)
   changes no input: with a threshold > 0 it is removed with a score of exactly 0 and no forward.
-The scores (loss increases) equal the plain algorithm's to float rounding.
-
-`mode="batched"` tests all incoming edges of a destination against the same circuit in one forward and
-removes together every edge whose removal alone stayed under threshold: faster, but blind to edges that
-are only redundant one at a time (removing two such edges together can raise the loss by more).
+The scores equal the plain algorithm's to float rounding. Each is the metric's change when the edge was
+tested, metric(circuit without it) − metric(circuit with it), the sign every method reports
+(docs/conventions.md): for logit_diff or logprob an edge the behaviour needs scores below 0, for KL above 0.
+The loss ACDC keeps under its threshold is the metric oriented so that lower is better (KL itself, or minus
+logit_diff/logprob/a custom metric).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-import networkx as nx
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
-from circuits.graph.circuit import Circuit, top_edges
+from circuits.graph.circuit import Circuit
 from circuits.graph.incremental import (
     CircuitState,
     Evaluated,
-    commit_column,
     commit_evaluated,
     evaluate_columns,
     seed_terms,
@@ -52,25 +49,20 @@ from circuits.graph.incremental import (
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph
 from circuits.graph.patching import Ablation, EdgePatcher
-from circuits.results import LabelledResult
-from circuits.tasks.task import Metric, Task
+from circuits.graph.result import EdgeResult
+from circuits.tasks.metrics import MetricSpec
+from circuits.tasks.task import Task
 
 
 @dataclass(frozen=True, eq=False)
-class ACDCResult(LabelledResult):
-    """ACDC's circuit. `values` [source, destination] are the loss increases measured when each edge was
-    tested (nan where it was never tested); `circuit` holds them with the kept edges; `graph` is the circuit
-    as a networkx DiGraph (shared schema); `n_forwards` counts the circuits evaluated (each a forward of the
-    plain algorithm, or a batch row), and `info["n_batches"]` the batched calls."""
+class ACDCResult(EdgeResult):
+    """ACDC's circuit, with the edge-result interface (`EdgeResult`: `.circuit`, `.graph`, `.edges`, `.top`,
+    `.top_n`, `.to_networkx`). `values` [source, destination] are the metric's changes measured when each edge
+    was tested (nan where it was never tested); `circuit` holds the kept edges with those scores; `n_forwards`
+    counts the circuits evaluated (each a forward of the plain algorithm, or a batch row), and
+    `info["n_batches"]` the batched calls."""
 
-    circuit: Circuit | None = None
-
-    def top(self, k: int = 5, *, by_abs: bool = True) -> list[tuple[tuple[str, ...], float]]:
-        """The k scored edges with the largest (absolute) scores; unscored (nan) entries are skipped."""
-        return top_edges(self.values, self.circuit.graph, k, by_abs=by_abs)
-    graph: nx.DiGraph | None = None
     n_forwards: int = 0
-    edges: tuple[str, ...] = field(default_factory=tuple)
 
 
 def acdc(
@@ -78,20 +70,21 @@ def acdc(
     task: Task,
     *,
     threshold: float,
-    metric: str | Metric | Callable[[Tensor], Tensor] = "kl",
+    metric: MetricSpec = None,
     ablation: Ablation | str = Ablation.RESAMPLE,
-    mode: Literal["exact", "batched"] = "exact",
     order: Literal["latest_first", "earliest_first"] = "latest_first",
     progress: bool = True,
 ) -> ACDCResult:
-    """Find a circuit by ACDC. `metric` is "kl" (KL from the clean run), a task metric ("logit_diff",
-    "logprob": its decrease counts as the loss's increase), or a callable logits[batch, n, vocab] → scalar
-    loss. Example: `acdc(model, induction_task(16, 8, 50), threshold=0.01).graph.edges`
+    """Find a circuit by ACDC: remove each edge whose removal raises the loss by less than `threshold`.
+
+    `metric` follows the one contract (`circuits.tasks.metrics`): the task's (None), "logit_diff", "logprob",
+    "kl" (KL from the clean run), or a callable of the logits at the metric positions [batch, n, vocab] →
+    scalar, higher meaning more of the behaviour. The loss is KL itself, or minus any other metric, so
+    `threshold` is in the metric's units. Scores: the metric's change when each edge was tested.
+    Example: `acdc(model, induction_task(16, 8, 50), threshold=0.01, metric="kl").edges`
     """
     if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
-    if mode not in ("exact", "batched"):
-        raise ValueError(f"mode must be 'exact' or 'batched', got {mode!r}")
     if order not in ("latest_first", "earliest_first"):
         raise ValueError(f"order must be 'latest_first' or 'earliest_first', got {order!r}")
     patcher = EdgePatcher(model, task, ablation)
@@ -100,26 +93,23 @@ def acdc(
     # the walk runs in inference mode (less bookkeeping per operation on these small tensors); what it
     # returns is copied out of it, so the result holds ordinary tensors
     with torch.inference_mode():
-        for d in tqdm(walk.destination_order(), desc=f"ACDC ({mode})", disable=not progress):
+        for d in tqdm(walk.destination_order(), desc="ACDC", disable=not progress):
             if walk.skip_unused(d):
                 continue
-            if mode == "exact":
-                walk.exact_destination(d)
-            else:
-                walk.batched_destination(d)
+            walk.exact_destination(d)
     members = prune_dead_ends(walk.state.mask.clone(), patcher.graph)
     attrs = dict(model=patcher.weights.description, method="acdc", metric=gm.name, ablation=patcher.ablation.value,
-                 threshold=float(threshold), mode=mode)
-    circuit = Circuit(patcher.graph, walk.scores, members.cpu(), attrs)
+                 threshold=float(threshold))
+    scores = walk.metric_changes()
+    circuit = Circuit(patcher.graph, scores, members.cpu(), attrs)
     g = patcher.graph
     return ACDCResult(
-        values=walk.scores, dims=("source", "destination"), labels=(g.source_names, g.destination_names),
+        values=scores, dims=("source", "destination"), labels=(g.source_names, g.destination_names),
         method="acdc",
-        info=dict(threshold=float(threshold), metric=gm.name, ablation=patcher.ablation.value, mode=mode,
+        info=dict(threshold=float(threshold), metric=gm.name, ablation=patcher.ablation.value,
                   order=order, n_batches=walk.n_batches, loss=walk.loss,
                   n_edges=int(members.sum()), n_edges_total=g.n_edges),
-        circuit=circuit, graph=circuit.to_networkx(), n_forwards=walk.n_forwards,
-        edges=tuple(circuit.edge_names()),
+        circuit=circuit, n_forwards=walk.n_forwards,
     )
 
 
@@ -136,6 +126,10 @@ class _Walk:
         # (layer, kind) -> {source: removed} of the last destination of that kind decided, the first guesses
         # for the next one (a layer's heads tend to keep the same inputs)
         self.decided: dict[tuple[int, str], dict[int, bool]] = {}
+
+    def metric_changes(self) -> Tensor:
+        """The scores as the metric's own change (the walk records loss increases)."""
+        return self.scores if not self.metric.higher_is_better else 0.0 - self.scores  # 0.0 - 0.0 is +0.0
 
     def kind(self, d: int) -> tuple[int, str]:
         node = self.graph.destinations[d]
@@ -251,35 +245,6 @@ class _Walk:
             mask = self.state.mask.clone()
             mask[:, d] = column
             self.state = self.state.with_mask(mask)
-
-    def batched_destination(self, d: int) -> None:
-        """Test every incoming edge of d alone against the current circuit; remove all that stay under threshold."""
-        column = self.state.mask[:, d].clone()
-        remaining = self._remove_inert(d, column, {})
-        if not remaining:
-            self._set_column_without_forward(d, column)
-            return
-        candidates = []
-        for s in remaining:
-            candidate = column.clone()
-            candidate[s] = False
-            candidates.append(candidate)
-        losses, _ = self._losses(d, torch.stack(candidates))
-        for s, loss in zip(remaining, losses):
-            increase = loss - self.loss
-            self.scores[s, d] = increase
-            if increase < self.threshold:
-                column[s] = False
-        if self._commit_column(d, column):
-            self.loss = float(self.metric.loss(self.state.logits[None])[0])
-
-    def _commit_column(self, d: int, column: Bool[Tensor, " n_src"]) -> bool:
-        if torch.equal(column, self.state.mask[:, d]):
-            return False
-        self.state = commit_column(self.patcher, self.state, d, column)
-        self.n_forwards += 1
-        self.n_batches += 1
-        return True
 
 
 def clean_state(patcher: EdgePatcher) -> CircuitState:

@@ -173,13 +173,3 @@ def top_n_mask(
     mask = torch.zeros(s.numel(), dtype=torch.bool)
     mask[order] = True
     return mask.view_as(valid) & valid
-
-
-def top_edges(
-    scores: Float[Tensor, "n_src n_dst"], graph: ComputeGraph, k: int, *, by_abs: bool = True
-) -> list[tuple[tuple[str, str], float]]:
-    """The k scored edges with the largest (absolute) scores as ((source, destination), score); nan skipped."""
-    mask = top_n_mask(scores, graph.valid & ~scores.isnan(), k, by_abs=by_abs)
-    picked = [(e, float(scores[e.src, e.dst])) for e in graph.edges() if mask[e.src, e.dst]]
-    picked.sort(key=lambda p: -abs(p[1]) if by_abs else -p[1])
-    return [((e.source.name, e.destination.name), v) for e, v in picked]

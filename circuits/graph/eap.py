@@ -15,43 +15,29 @@ without final LayerNorm under logit difference, say) both equal edge patching ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.engine import Weights
-from circuits.graph.circuit import Circuit, top_edges
+from circuits.graph.circuit import Circuit
 from circuits.graph.forward import SharedRun, embed, shared_forward
 from circuits.graph.metric import GraphMetric, resolve_metric
 from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.graph.patching import MAX_CHUNK_FLOATS, Ablation, _ablation, _stages, mean_or_zero_values
-from circuits.results import LabelledResult
-from circuits.tasks.task import Metric, Task
+from circuits.graph.result import EdgeResult
+from circuits.tasks.metrics import MetricSpec
+from circuits.tasks.task import Task
 
 
 @dataclass(frozen=True, eq=False)
-class EAPResult(LabelledResult):
-    """Attribution scores for every edge: `values` [source, destination] (nan where there is no edge) ≈
-    metric(edge ablated) − metric(clean). `circuit` holds them over all edges; `top_n(n)` selects."""
-
-    circuit: Circuit | None = None
-
-    def top(self, k: int = 5, *, by_abs: bool = True) -> list[tuple[tuple[str, ...], float]]:
-        """The k scored edges with the largest (absolute) scores; unscored (nan) entries are skipped."""
-        return top_edges(self.values, self.circuit.graph, k, by_abs=by_abs)
-
-    def top_n(self, n: int) -> Circuit:
-        """The n edges with the largest |score|."""
-        return self.circuit.top_n(n)
-
-    def to_networkx(self) -> nx.DiGraph:
-        """Every edge with its score (shared DiGraph schema)."""
-        return self.circuit.to_networkx()
+class EAPResult(EdgeResult):
+    """Attribution scores for every edge, with the edge-result interface (`EdgeResult`): `values`
+    [source, destination] (nan where there is no edge) ≈ metric(edge ablated) − metric(clean); `circuit` holds
+    them over all edges; `top_n(n)` selects."""
 
 
 def eap(
@@ -59,14 +45,15 @@ def eap(
     task: Task,
     *,
     ig_steps: int = 0,
-    metric: str | Metric | Callable[[Tensor], Tensor] | None = None,
+    metric: MetricSpec = None,
     ablation: Ablation | str = Ablation.RESAMPLE,
 ) -> EAPResult:
     """EAP scores of every edge (`ig_steps=0`), or EAP-IG with `ig_steps` interpolation steps.
 
     Cost (EAP): one forward and backward on the clean input and one forward on the corrupted input
     (resample ablation), with no per-edge work but a (sources × destinations) contraction.
-    `metric` defaults to the task's. Example: `eap(model, task, ig_steps=8).top_n(16).to_networkx()`
+    `metric`: the one contract (`circuits.tasks.metrics`), the task's by default.
+    Example: `eap(model, task, ig_steps=8).top_n(16).to_networkx()`
     """
     if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 0:
         raise ValueError(f"ig_steps must be an integer >= 0, got {ig_steps!r}")
@@ -154,7 +141,7 @@ def factored_gradients(
     emb: Float[Tensor, "k n_embed batch pos d_model"],
     positions: Tensor,
     task: Task,
-    metric: str | Metric | Callable[[Tensor], Tensor] | None,
+    metric: MetricSpec,
     clean_logits_at: Tensor | None = None,
 ) -> tuple[_GradRun, DestinationGrads]:
     """The gradients of every destination of the unpatched runs from embedding sources `emb` (one per row k):
@@ -191,7 +178,7 @@ def integrated_gradient_scores(
     diff: Float[Tensor, "n_src batch pos d_model"],
     positions: Tensor,
     task: Task,
-    metric: str | Metric | Callable[[Tensor], Tensor] | None,
+    metric: MetricSpec,
     steps: int,
     clean_logits_at: Tensor,
 ) -> tuple[Float[Tensor, "n_src n_dst"], GraphMetric]:

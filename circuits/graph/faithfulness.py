@@ -7,7 +7,7 @@ circuit's run keeps its edges and ablates all others (edge patching, `circuits.g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -22,7 +22,8 @@ from circuits.graph.metric import resolve_metric
 from circuits.graph.nodes import ComputeGraph
 from circuits.graph.patching import Ablation, EdgePatcher
 from circuits.results import LabelledResult
-from circuits.tasks.task import Metric, Task
+from circuits.tasks.metrics import MetricSpec
+from circuits.tasks.task import Task
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,11 +68,12 @@ def faithfulness(
     circuit: Circuit | nx.DiGraph,
     *,
     ablation: Ablation | str | None = None,
-    metric: str | Metric | Callable[[Tensor], Tensor] | None = None,
+    metric: MetricSpec = None,
 ) -> Faithfulness:
     """The normalised metric of `circuit` alone (its edges kept, all others ablated) against the full model.
 
-    `ablation` defaults to the circuit's own (its `ablation` attribute) or resample; `metric` to the task's.
+    `ablation` defaults to the circuit's own (its `ablation` attribute) or resample;
+    `metric` to the task's (the one contract, `circuits.tasks.metrics`).
     Raises ValueError for a circuit of another model. Example: `faithfulness(model, task, result.graph).normalised`
     """
     patcher = EdgePatcher(model, task, _ablation_of(circuit, ablation))
@@ -92,7 +94,7 @@ def faithfulness_curve(
     ns: Sequence[int],
     *,
     ablation: Ablation | str = Ablation.RESAMPLE,
-    metric: str | Metric | Callable[[Tensor], Tensor] | None = None,
+    metric: MetricSpec = None,
     by_abs: bool = True,
 ) -> FaithfulnessCurve:
     """The normalised metric of the circuit made of the top-n edges of `scores` (|score| unless `by_abs=False`;

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuits.tasks.metrics import MetricSpec, checked_scalar, resolve
 from circuits.tasks.task import Metric, Task, kl_terms
 
 
@@ -16,9 +17,10 @@ from circuits.tasks.task import Metric, Task, kl_terms
 class GraphMetric:
     """A metric of logits at the metric positions [k, batch, n, vocab] → [k].
 
-    `higher_is_better` says which way is good: logit_diff and logprob rise towards the clean run, KL (and
-    any callable, which is read as a loss) falls towards it. `loss` is the metric oriented so that lower is
-    better: what ACDC keeps from rising by more than its threshold.
+    `higher_is_better` says which way is good: logit_diff, logprob and any callable rise towards the clean run,
+    KL falls towards it. `loss` is the metric oriented so that lower is better: what ACDC keeps from rising by
+    more than its threshold. `change(loss_increase)` turns a loss increase back into the metric's own change,
+    the sign every method reports (docs/conventions.md).
     """
 
     name: str
@@ -32,30 +34,29 @@ class GraphMetric:
         value = self.fn(logits_at)
         return -value if self.higher_is_better else value
 
+    def change(self, loss_increase: float) -> float:
+        """The metric's change for a rise of its loss by `loss_increase`."""
+        return -loss_increase if self.higher_is_better else loss_increase
+
 
 def resolve_metric(
     task: Task,
-    metric: str | Metric | Callable[[Tensor], Tensor] | None,
+    metric: MetricSpec,
     clean_logits_full: Float[Tensor, "batch pos vocab"],
 ) -> GraphMetric:
-    """The task's metric (None), a named one ("kl", "logit_diff", "logprob"), or a callable mapping the logits at
-    the metric positions [batch, n, vocab] to a scalar loss. Raises ValueError for a non-scalar callable."""
-    if callable(metric) and not isinstance(metric, (str, Metric)):
-        return _callable_metric(task, metric, clean_logits_full)
-    try:
-        m = task.metric if metric is None else Metric(metric)
-    except ValueError:
-        raise ValueError(
-            f"metric must be one of {[x.value for x in Metric]}, a callable, or None (the task's); got {metric!r}"
-        ) from None
-    scored = task.with_metric(m) if m is not Metric.LOGIT_DIFF or task.wrong_answers is not None else None
-    if scored is None:
-        raise ValueError("metric: 'logit_diff' needs a task with wrong_answers")
-    if m is Metric.KL:
+    """The metric contract of `circuits.tasks.metrics` for the graph methods: the task's metric (None), a named
+    one ("logit_diff", "logprob", "kl"), or a callable mapping the logits at the metric positions
+    [batch, n, vocab] to a scalar, higher meaning more of the behaviour. Raises ValueError for a non-scalar
+    callable."""
+    resolved = resolve(task, metric)
+    if resolved.is_custom:
+        return _callable_metric(task, resolved.custom, resolved.name, clean_logits_full)
+    scored = resolved.task
+    if scored.metric is Metric.KL:
         clean_at = task.read_logits(clean_logits_full)  # read once: a metric is called for every evaluation
         probs = clean_at.softmax(-1)
-        return GraphMetric(m.value, lambda logits_at: _mean_kl(task, logits_at, clean_at, probs), False)
-    return GraphMetric(m.value, scored.score_positions, higher_is_better=True)
+        return GraphMetric(resolved.name, lambda logits_at: _mean_kl(task, logits_at, clean_at, probs), False)
+    return GraphMetric(resolved.name, scored.score_positions, higher_is_better=True)
 
 
 def _mean_kl(task: Task, logits_at: Float[Tensor, "k batch n vocab"], clean_at: Float[Tensor, "batch n vocab"],
@@ -67,13 +68,11 @@ def _mean_kl(task: Task, logits_at: Float[Tensor, "k batch n vocab"], clean_at: 
     return kl_terms(logits_at, clean_at, clean_probs).mean(dim=(-1, -2))
 
 
-def _callable_metric(task: Task, fn: Callable[[Tensor], Tensor], clean_logits_full: Tensor) -> GraphMetric:
-    probe = fn(task.read_logits(clean_logits_full))
-    if not isinstance(probe, Tensor) or probe.ndim != 0:
-        shape = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
-        raise ValueError(f"metric: expected a callable returning a scalar (0-d tensor) per run, got {shape}")
+def _callable_metric(task: Task, fn: Callable[[Tensor], Tensor], name: str, clean_logits_full: Tensor
+                     ) -> GraphMetric:
+    checked_scalar(fn(task.read_logits(clean_logits_full)))
 
     def batched(logits_at: Tensor) -> Tensor:
-        return torch.stack([fn(one) for one in logits_at])
+        return torch.stack([checked_scalar(fn(one)) for one in logits_at])
 
-    return GraphMetric(getattr(fn, "__name__", "custom"), batched, higher_is_better=False)
+    return GraphMetric(name, batched, higher_is_better=True)

@@ -53,7 +53,7 @@ class NodeKind(str, Enum):
 @dataclass(frozen=True)
 class Node:
     """A source or a destination. `layer` is -1 for embeddings, n_layers for the logits; `qkv` is set for
-    head inputs only. `name` is the node id of the networkx graph (see GRAPH_SCHEMA in the package doc)."""
+    head inputs only. `name` is the node id of the networkx graph (its schema: the `circuits.graph` docstring)."""
 
     name: str
     kind: NodeKind

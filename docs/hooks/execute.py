@@ -3,7 +3,8 @@
 A fenced block opened with ```python exec runs in one namespace per page, in order. Its source is
 shown, followed by what it printed and by every Plotly figure it passed to `show(fig)`. An exception
 stops the build with the page and the block's first line. plotly.js is written once into the site and
-loaded by every page (the figures are embedded without it).
+loaded in the `<head>` of every page that has a figure: each figure's inline `Plotly.newPlot` runs where the
+figure stands, so the library must be loaded before it (a script at the end of the page is too late).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
+from mkdocs.utils import get_relative_url
 
 FENCE = re.compile(r"^```python exec\s*\n(.*?)^```\s*$", re.S | re.M)
 PLOTLY_JS = "assets/plotly.min.js"
@@ -48,6 +50,14 @@ def on_page_markdown(markdown, page, config, files):
         return "\n\n".join(parts)
 
     return FENCE.sub(run, markdown)
+
+
+def on_post_page(output, page, config):
+    """Load plotly.js in the head of a page with figures (a relative URL: the site also works over file://)."""
+    if "plotly-figure" not in output:
+        return output
+    src = get_relative_url(PLOTLY_JS, page.url)
+    return output.replace("</head>", f'<script src="{src}"></script>\n</head>', 1)
 
 
 def on_post_build(config):

@@ -53,18 +53,18 @@ def resolve_metric(
         raise ValueError("metric: 'logit_diff' needs a task with wrong_answers")
     if m is Metric.KL:
         clean_at = task.read_logits(clean_logits_full)  # read once: a metric is called for every evaluation
-        probs = clean_at.softmax(-1)
-        return GraphMetric(m.value, lambda logits_at: _mean_kl(task, logits_at, clean_at, probs), False)
+        log_probs = clean_at.log_softmax(-1)
+        return GraphMetric(m.value, lambda logits_at: _mean_kl(task, logits_at, clean_at, log_probs), False)
     return GraphMetric(m.value, scored.score_positions, higher_is_better=True)
 
 
 def _mean_kl(task: Task, logits_at: Float[Tensor, "k batch n vocab"], clean_at: Float[Tensor, "batch n vocab"],
-             clean_probs: Float[Tensor, "batch n vocab"]) -> Float[Tensor, " k"]:
+             clean_logprobs: Float[Tensor, "batch n vocab"]) -> Float[Tensor, " k"]:
     """`task.with_metric("kl").score_positions`, from the clean logits already at the metric positions."""
     if logits_at.shape[-3:-1] != clean_at.shape[:-1]:
         raise ValueError(f"logits: expected [..., {task.batch}, {len(task.positions)}, vocab] at the metric "
                          f"positions, got {tuple(logits_at.shape)}")
-    return kl_terms(logits_at, clean_at, clean_probs).mean(dim=(-1, -2))
+    return kl_terms(logits_at, clean_at, clean_logprobs).mean(dim=(-1, -2))
 
 
 def _callable_metric(task: Task, fn: Callable[[Tensor], Tensor], clean_logits_full: Tensor) -> GraphMetric:

@@ -14,6 +14,7 @@ import networkx as nx
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from circuits.graph.circuit import Circuit, top_n_mask
@@ -22,6 +23,7 @@ from circuits.graph.nodes import ComputeGraph
 from circuits.graph.patching import Ablation, EdgePatcher
 from circuits.results import LabelledResult
 from circuits.tasks.task import Metric, Task
+from circuits.validate import check_count, check_gap, check_scores, check_task
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,13 +67,17 @@ def faithfulness(
     """The normalised metric of `circuit` alone (its edges kept, all others ablated) against the full model.
 
     `ablation` defaults to the circuit's own (its `ablation` attribute) or resample; `metric` to the task's.
-    Raises ValueError for a circuit of another model. Example: `faithfulness(model, task, result.graph).normalised`
+    Raises ValueError for a circuit of another model, and for a task on which the full model and the fully
+    ablated one score the same (the normalised value would be 0/0) or the metric is not finite.
+    Example: `faithfulness(model, task, result.graph).normalised`
     """
+    check_task(model, task)
     patcher = EdgePatcher(model, task, _ablation_of(circuit, ablation))
     c = as_circuit(circuit, patcher.graph, patcher.weights.description)
     gm = resolve_metric(task, metric, patcher.clean_logits_full)
     masks = torch.stack([c.members, patcher.graph.valid, torch.zeros_like(c.members)])
     values = gm(patcher.run(masks.to(patcher.device))).detach().cpu()
+    check_gap(float(values[1]), float(values[2]), name="task (full vs every edge ablated)", raise_on_zero=True)
     normalised = float((values[0] - values[2]) / (values[1] - values[2]))
     return Faithfulness(values=values, dims=("run",), labels=(("circuit", "full", "ablated"),), method="faithfulness",
                         info=dict(metric=gm.name, ablation=patcher.ablation.value, normalised=normalised),
@@ -87,16 +93,28 @@ def faithfulness_curve(
     ablation: Ablation | str = Ablation.RESAMPLE,
     metric: str | Metric | Callable[[Tensor], Tensor] | None = None,
     by_abs: bool = True,
+    progress: bool = True,
 ) -> FaithfulnessCurve:
-    """The normalised metric of the circuit made of the top-n edges of `scores` (|score| unless `by_abs=False`;
-    nan last), for each n in `ns`, all in batched forwards. Example: `faithfulness_curve(model, task, r, [8, 16])`
+    """The normalised metric of the circuit made of the top-n edges of `scores` (|score| unless `by_abs=False`),
+    for each n ≥ 0 in `ns`, in batched forwards behind a progress bar (`progress=False` silences it). Scores must
+    be finite on every edge, except ACDC's NaN for an edge it never tested (ranked last). Raises ValueError
+    where `faithfulness` does. Example: `faithfulness_curve(model, task, r, [8, 16])`
     """
+    check_task(model, task)
+    ns = [check_count(n, "ns") for n in ns]
+    if not ns:
+        raise ValueError("ns: expected at least one circuit size")
     patcher = EdgePatcher(model, task, ablation)
     table = _score_table(scores, patcher.graph, patcher.weights.description)
-    gm = resolve_metric(task, metric, patcher.clean_logits_full)
     valid = patcher.graph.valid
-    masks = torch.stack([top_n_mask(table, valid, n, by_abs=by_abs) for n in ns] + [valid, torch.zeros_like(valid)])
-    values = gm(patcher.run(masks.to(patcher.device))).detach().cpu()
+    _check_ranked(table, valid, scores)
+    gm = resolve_metric(task, metric, patcher.clean_logits_full)
+    masks = torch.stack([valid, torch.zeros_like(valid)] + [top_n_mask(table, valid, n, by_abs=by_abs) for n in ns])
+    chunks = masks.to(patcher.device).split(patcher.chunk_size())
+    values = torch.cat([gm(patcher.run(m)).detach().cpu()
+                        for m in tqdm(chunks, desc="faithfulness curve", disable=not progress, leave=False)])
+    values = torch.cat([values[2:], values[:2]])  # the circuits, then full and ablated
+    check_gap(float(values[-2]), float(values[-1]), name="task (full vs every edge ablated)", raise_on_zero=True)
     normalised = (values[:-2] - values[-1]) / (values[-2] - values[-1])
     return FaithfulnessCurve(values=normalised, dims=("n_edges",), labels=(tuple(str(n) for n in ns),),
                              method="faithfulness_curve",
@@ -111,8 +129,9 @@ def roc(
     *,
     by_abs: bool = True,
 ) -> Roc:
-    """ROC of ranking the edges by |score| (nan lowest) against the ground-truth circuit `truth`; the AUC is
-    the probability that a true edge outranks a false one (ties count ½). Example: `roc(eap_result, truth).auc`
+    """ROC of ranking the edges by |score| against the ground-truth circuit `truth`; the AUC is the probability
+    that a true edge outranks a false one (ties count ½). Scores must be finite on every edge, except ACDC's NaN
+    for an edge it never tested (ranked lowest). Example: `roc(eap_result, truth).auc`
     """
     table = scores.circuit.scores if isinstance(scores, LabelledResult) and hasattr(scores, "circuit") else (
         scores.scores if isinstance(scores, Circuit) else scores.values if isinstance(scores, LabelledResult)
@@ -124,6 +143,7 @@ def roc(
         valid = torch.ones_like(truth)
     if table.shape != truth.shape:
         raise ValueError(f"scores and truth: shapes differ, {tuple(table.shape)} vs {tuple(truth.shape)}")
+    _check_ranked(table, valid, scores)
     s = table.abs() if by_abs else table
     s = torch.nan_to_num(s.double().cpu(), nan=-float("inf"))[valid.cpu()]
     t = truth.cpu()[valid.cpu()]
@@ -139,6 +159,15 @@ def roc(
     ties = (s[t][:, None] == s[~t][None, :]).double()
     auc = float((greater + 0.5 * ties).mean())
     return Roc(fpr, tpr, auc)
+
+
+def _check_ranked(table: Tensor, valid: Tensor, scores: object) -> None:
+    """Refuse NaN or infinite scores on edges: a ranking of them would be arbitrary. ACDC's scores are NaN where
+    an edge was never tested (its destination was already cut off): there NaN means "lowest" and is allowed."""
+    attrs = getattr(getattr(scores, "circuit", scores), "attrs", {})
+    if getattr(scores, "method", None) == "acdc" or attrs.get("method") == "acdc":
+        table = torch.nan_to_num(table, nan=0.0)
+    check_scores(table, valid.to(table.device), "scores")
 
 
 def as_circuit(circuit: Circuit | nx.DiGraph, graph: ComputeGraph, model_description: str) -> Circuit:

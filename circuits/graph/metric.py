@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuits.tasks.task import Metric, Task, kl_terms
+from circuits.validate import check_finite
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,10 +27,13 @@ class GraphMetric:
     higher_is_better: bool
 
     def __call__(self, logits_at: Float[Tensor, "k batch n vocab"]) -> Float[Tensor, " k"]:
-        return self.fn(logits_at)
+        """The metric of each run; a ValueError if any is NaN or infinite (no decision can rest on it)."""
+        value = self.fn(logits_at)
+        check_finite(value.detach(), f"metric {self.name!r}", "evaluated circuits")
+        return value
 
     def loss(self, logits_at: Float[Tensor, "k batch n vocab"]) -> Float[Tensor, " k"]:
-        value = self.fn(logits_at)
+        value = self(logits_at)
         return -value if self.higher_is_better else value
 
 

@@ -12,10 +12,10 @@ from test_graph_patching import hooked_edge_patch
 from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
 from circuits.graph import Circuit, ComputeGraph, acdc, eap, roc
-from circuits.graph.patching import EdgePatcher
 from circuits.graph.faithfulness import step_auc
 from circuits.graph.known import circuit_nodes, inert_edges, residual_circuit
 from circuits.graph.node_patching import node_patching
+from circuits.graph.patching import EdgePatcher
 from circuits.tasks import induction_task
 
 pytest.importorskip("tracr", reason="the tracr extra: pip install 'circuits[tracr]'")

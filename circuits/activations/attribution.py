@@ -8,11 +8,12 @@ from dataclasses import replace
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from circuits.activations import engine
 from circuits.activations.patching import Backend, Direction
-from circuits.activations.readout import Reader, call_metric, check_tokens
+from circuits.activations.readout import Reader, call_metric
 from circuits.activations.result import PatchResult, make_result
 from circuits.activations.sites import (
     Site,
@@ -24,6 +25,7 @@ from circuits.activations.sites import (
 )
 from circuits.tasks import Task
 from circuits.tasks.metrics import MetricSpec, resolve
+from circuits.validate import check_finite, check_task
 
 
 def attribution_patch(
@@ -37,6 +39,7 @@ def attribution_patch(
     positions: list[int] | Int[Tensor, " n"] | None = None,
     metric: MetricSpec = None,
     backend: Backend = "auto",
+    progress: bool = True,
 ) -> PatchResult:
     """Estimate `activation_patch` to first order: (source − base activation) · ∂metric/∂activation.
 
@@ -48,15 +51,17 @@ def attribution_patch(
     `metric`: the task's (None), "logit_diff", "logprob", "kl", or a callable of the logits at the metric
     positions [batch, n, vocab] → scalar, as for `activation_patch`.
     Note: with the KL metric the gradient at the clean run is zero, so noising estimates are all 0.
+    A progress bar over the two stages (the runs with the backward pass, then the contraction) unless
+    `progress=False`.
 
     Example: `attribution_patch(model, task, "z").top(5)`
     """
+    check_task(model, task)
     site = parse_site(model, site)
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction: expected 'denoising' or 'noising', got {direction!r}")
     resolved = resolve(task, metric)
     task, custom = resolved.task, resolved.on_full_logits() if resolved.is_custom else None
-    check_tokens(task, model.cfg.n_ctx, model.cfg.d_vocab)
     L, H, P = model.cfg.n_layers, model.cfg.n_heads, task.seq_len
     pos_list = check_positions(positions, P)
     head_list = check_heads(heads, L, H)
@@ -67,9 +72,13 @@ def attribution_patch(
     if backend not in ("weights", "hooks"):
         raise ValueError(f"backend: expected 'auto', 'weights' or 'hooks', got {backend!r}")
     grab = _weights_grads if backend == "weights" else _hook_grads
-    base_acts, grads, src_acts, clean_m, corrupted_m = grab(model, task, site, direction, custom)
-    scores = torch.stack([_contract(site, d, g) for d, g in zip(
-        [s - b for s, b in zip(src_acts, base_acts)], grads)]).cpu()  # [layer, (head,) pos]
+    with tqdm(total=2, desc=f"attribution {site.value}", disable=not progress, leave=False) as bar:
+        base_acts, grads, src_acts, clean_m, corrupted_m = grab(model, task, site, direction, custom)
+        bar.update()
+        scores = torch.stack([_contract(site, d, g) for d, g in zip(
+            [s - b for s, b in zip(src_acts, base_acts)], grads)]).cpu()  # [layer, (head,) pos]
+        bar.update()
+    check_finite(scores, "metric", "components' first-order estimates (its value or gradient is not finite)")
     mask = torch.zeros(P, dtype=torch.bool)
     mask[pos_list if pos_list is not None else slice(None)] = True
     scores = scores.masked_fill(~mask, math.nan) if per_position else (scores * mask).sum(-1)

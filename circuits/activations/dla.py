@@ -12,6 +12,7 @@ from transformer_lens import TransformerBridge
 
 from circuits.engine import final_norm
 from circuits.results import LabelledResult, head_labels, head_name, layer_labels
+from circuits.validate import check_ids, check_tokens
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,10 +47,12 @@ def direct_logit_attribution(
     is needed or assumed. `answers` is [batch] for one position or [batch, n] for n positions.
     Example: `direct_logit_attribution(model, tokens, answers, wrong, by="head").top(3)`
     """
+    check_tokens(model, tokens, "tokens")
+    check_ids(answers, model.cfg.d_vocab, "answers")
+    if wrong_answers is not None:
+        check_ids(wrong_answers, model.cfg.d_vocab, "wrong_answers")
     if by not in ("head", "layer", "component"):
         raise ValueError(f"by: expected 'head', 'layer' or 'component', got {by!r}")
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens: expected [batch, pos], got shape {tuple(tokens.shape)}")
     batch, n_pos = tokens.shape
     pos = _positions(positions, n_pos)
     answers = _per_position(answers, batch, len(pos), "answers")

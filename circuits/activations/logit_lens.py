@@ -12,6 +12,7 @@ from transformer_lens import TransformerBridge
 from circuits.activations.sites import token_labels
 from circuits.engine import final_norm
 from circuits.results import LabelledResult
+from circuits.validate import check_tokens
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,8 +32,7 @@ def logit_lens(model: TransformerBridge, tokens: Int[Tensor, "batch pos"]) -> Le
 
     Example: `logit_lens(model, tokens).values[:, -1]` (how well each layer predicts the last token).
     """
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens: expected [batch, pos] with pos ≥ 2, got shape {tuple(tokens.shape)}")
+    check_tokens(model, tokens, "tokens", min_pos=2)
     L = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + ["ln_final.hook_in"]
     if L == 0:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from circuits.activations import engine, hooked
-from circuits.activations.readout import Reader, check_tokens, task_metric
+from circuits.activations.readout import Reader, task_metric
 from circuits.activations.result import PatchResult, make_result
 from circuits.activations.site_patch import patched_resid
 from circuits.activations.sites import (
@@ -29,6 +29,7 @@ from circuits.activations.sites import (
 )
 from circuits.tasks import Task
 from circuits.tasks.metrics import MetricSpec, resolve
+from circuits.validate import check_finite, check_number, check_task
 
 Direction = Literal["denoising", "noising"]
 Backend = Literal["auto", "weights", "hooks"]
@@ -72,14 +73,16 @@ def activation_patch(
 
     Example: `activation_patch(model, induction_task(32, 17, 50), "z").top(5)`
     """
+    check_task(model, task)
     site = parse_site(model, site)
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction: expected 'denoising' or 'noising', got {direction!r}")
     resolved = resolve(task, metric)
     task, custom = resolved.task, resolved.on_full_logits() if resolved.is_custom else None
-    if batch_limit is not None and (not isinstance(batch_limit, int) or batch_limit < 1):
+    if batch_limit is not None and (isinstance(batch_limit, bool) or not isinstance(batch_limit, int)
+                                    or batch_limit < 1):
         raise ValueError(f"batch_limit: expected a positive integer, got {batch_limit!r}")
-    check_tokens(task, model.cfg.n_ctx, model.cfg.d_vocab)
+    check_number(memory_mb, "memory_mb", positive=True)
     L, H, P = model.cfg.n_layers, model.cfg.n_heads, task.seq_len
     pos_list = check_positions(positions, P)
     head_list = check_heads(heads, L, H)
@@ -95,12 +98,22 @@ def activation_patch(
     run = _run_weights if backend == "weights" else _run_hooks
     raw, clean_m, corrupted_m = run(model, task, site, comps, direction, custom, batch_limit, memory_mb, progress,
                                     torch.full(shape, math.nan))
+    check_finite(raw[_computed(comps, shape)], "metric", "patched runs")
     dims, labels = result_axes(site, per_position, L, H, token_labels(model, task.clean[0]))
     return make_result(
         raw, method="activation_patch", dims=dims, labels=labels, site=site.value, direction=direction,
         metric=resolved.name, clean=clean_m, corrupted=corrupted_m,
         info={"backend": backend, "per_position": per_position},
     )
+
+
+def _computed(comps: list[Components], shape: tuple[int, ...]) -> Tensor:
+    """Which entries of the result the components fill (the rest are NaN by `heads`/`positions`)."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for c in comps:
+        for idx in c.index:
+            mask[idx] = True
+    return mask
 
 
 def _chunk_size(batch_limit: int | None, memory_mb: float | int, per_component_bytes: int) -> int:

@@ -116,16 +116,3 @@ def task_metric(task: Task, clean_logits: Tensor | None, custom: CustomMetric | 
         return torch.stack([call_metric(custom, x) for x in flat]).reshape(logits.shape[:-3])
 
     return score
-
-
-def check_tokens(task: Task, n_ctx: int, d_vocab: int) -> None:
-    """Clean and corrupted of one shape, within the context window and vocabulary."""
-    if task.clean.shape != task.corrupted.shape:
-        raise ValueError(f"task: clean {tuple(task.clean.shape)} and corrupted {tuple(task.corrupted.shape)} "
-                         "must have the same shape")
-    if task.seq_len > n_ctx:
-        raise ValueError(f"task: {task.seq_len} tokens exceed the model's context of {n_ctx}")
-    for name in ("clean", "corrupted"):
-        t = getattr(task, name)
-        if t.min() < 0 or t.max() >= d_vocab:
-            raise ValueError(f"task.{name}: token ids must lie in [0, {d_vocab})")

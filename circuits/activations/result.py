@@ -9,6 +9,7 @@ from torch import Tensor
 
 from circuits.results import LabelledResult
 from circuits.tasks import normalise
+from circuits.validate import check_gap
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,9 +46,11 @@ def make_result(raw: Tensor, *, method: str, dims: tuple[str, ...], labels: tupl
                 site: str, direction: str, metric: str, clean: float, corrupted: float,
                 info: dict | None = None) -> PatchResult:
     raw = raw.detach().cpu()
-    values = normalise(raw, corrupted, clean)
-    if not isinstance(values, Tensor):
-        values = torch.as_tensor(values)
+    if check_gap(float(clean), float(corrupted), name="task", raise_on_zero=False):
+        values = torch.as_tensor(normalise(raw, corrupted, clean))
+    else:  # 0/0: no normalised value exists (warned); the raw metric and the effect stay
+        values = torch.full_like(raw, float("nan"))
+        info = {**(info or {}), "normalised": "undefined: the clean and corrupted runs score the same"}
     return PatchResult(values=values, dims=dims, labels=labels, method=method, info=dict(info or {}), raw=raw,
                        site=site, direction=direction, metric=metric, clean_metric=float(clean),
                        corrupted_metric=float(corrupted))

@@ -52,6 +52,7 @@ from circuits.graph.patching import Ablation, EdgePatcher
 from circuits.graph.result import EdgeResult
 from circuits.tasks.metrics import MetricSpec
 from circuits.tasks.task import Task
+from circuits.validate import check_gap, check_number, check_task
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,12 +84,13 @@ def acdc(
     `threshold` is in the metric's units. Scores: the metric's change when each edge was tested.
     Example: `acdc(model, induction_task(16, 8, 50), threshold=0.01, metric="kl").edges`
     """
-    if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    check_task(model, task)
+    check_number(threshold, "threshold", minimum=0)
     if order not in ("latest_first", "earliest_first"):
         raise ValueError(f"order must be 'latest_first' or 'earliest_first', got {order!r}")
     patcher = EdgePatcher(model, task, ablation)
     gm = resolve_metric(task, metric, patcher.clean_logits_full)
+    _check_baselines(patcher, gm)
     walk = _Walk(patcher, gm, float(threshold), order)
     # the walk runs in inference mode (less bookkeeping per operation on these small tensors); what it
     # returns is copied out of it, so the result holds ordinary tensors
@@ -111,6 +113,14 @@ def acdc(
                   n_edges=int(members.sum()), n_edges_total=g.n_edges),
         circuit=circuit, n_forwards=walk.n_forwards,
     )
+
+
+def _check_baselines(patcher: EdgePatcher, metric: GraphMetric) -> None:
+    """Refuse a task on which the full model and the fully ablated one score the same (every edge would go) or
+    on which the metric is not finite."""
+    valid = patcher.graph.valid.to(patcher.device)
+    full, ablated = metric.loss(patcher.run(torch.stack([valid, torch.zeros_like(valid)]))).tolist()
+    check_gap(full, ablated, name="task (full vs every edge ablated)", raise_on_zero=True)
 
 
 class _Walk:

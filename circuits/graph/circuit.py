@@ -15,6 +15,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.graph.nodes import ComputeGraph, Node, NodeKind
+from circuits.validate import check_count, check_number
 
 FORMAT_VERSION = 1
 
@@ -62,12 +63,11 @@ class Circuit:
 
     def top_n(self, n: int, *, by_abs: bool = True) -> Circuit:
         """The n edges with the largest scores (|score| unless `by_abs=False`); nan scores rank last."""
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
         return self.with_members(top_n_mask(self.scores, self.graph.valid, n, by_abs=by_abs))
 
     def above(self, threshold: float, *, by_abs: bool = True) -> Circuit:
         """The edges whose score (|score| unless `by_abs=False`) exceeds `threshold`."""
+        check_number(threshold, "threshold")
         s = self.scores.abs() if by_abs else self.scores
         return self.with_members(torch.nan_to_num(s, nan=-math.inf) > threshold, threshold=threshold)
 
@@ -166,7 +166,9 @@ def _json_value(v: Any) -> Any:
 def top_n_mask(
     scores: Float[Tensor, "n_src n_dst"], valid: Bool[Tensor, "n_src n_dst"], n: int, *, by_abs: bool = True
 ) -> Bool[Tensor, "n_src n_dst"]:
-    """True at the n valid entries with the largest (absolute) scores; ties broken by graph order."""
+    """True at the n valid entries with the largest (absolute) scores (n ≥ 0; all of them when n exceeds their
+    number); nan ranks last; ties broken by graph order."""
+    n = check_count(n, "n")
     s = scores.abs() if by_abs else scores
     s = torch.nan_to_num(s.double(), nan=-math.inf).masked_fill(~valid, -math.inf)
     order = torch.sort(s.flatten(), descending=True, stable=True).indices[: min(n, int(valid.sum()))]

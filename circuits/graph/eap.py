@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from circuits.engine import Weights
@@ -31,6 +32,7 @@ from circuits.graph.patching import MAX_CHUNK_FLOATS, Ablation, _ablation, _stag
 from circuits.graph.result import EdgeResult
 from circuits.tasks.metrics import MetricSpec
 from circuits.tasks.task import Task
+from circuits.validate import check_count, check_finite, check_task
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,16 +49,18 @@ def eap(
     ig_steps: int = 0,
     metric: MetricSpec = None,
     ablation: Ablation | str = Ablation.RESAMPLE,
+    progress: bool = True,
 ) -> EAPResult:
     """EAP scores of every edge (`ig_steps=0`), or EAP-IG with `ig_steps` interpolation steps.
 
     Cost (EAP): one forward and backward on the clean input and one forward on the corrupted input
     (resample ablation), with no per-edge work but a (sources × destinations) contraction.
-    `metric`: the one contract (`circuits.tasks.metrics`), the task's by default.
+    `metric`: the one contract (`circuits.tasks.metrics`), the task's by default. EAP-IG shows a progress bar
+    over its steps unless `progress=False`.
     Example: `eap(model, task, ig_steps=8).top_n(16).to_networkx()`
     """
-    if not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 0:
-        raise ValueError(f"ig_steps must be an integer >= 0, got {ig_steps!r}")
+    check_task(model, task)
+    check_count(ig_steps, "ig_steps")
     ablation = _ablation(ablation)
     w = Weights.of(model)
     g = ComputeGraph.of(model)
@@ -73,8 +77,10 @@ def eap(
             clean_run = shared_forward(w, clean_emb, positions, metric_queries_only=True)
         diff = _ablation_difference(w, task, ablation, clean_run, positions)
         scores, gm = integrated_gradient_scores(w, g, clean_emb[0], clean_emb[0] + diff[:g.n_embed], diff, positions,
-                                                task, metric, ig_steps, clean_run.logits[0])
-    scores = scores.detach().float().cpu().masked_fill(~g.valid, float("nan"))
+                                                task, metric, ig_steps, clean_run.logits[0], progress=progress)
+    scores = scores.detach().float().cpu()
+    check_finite(scores[g.valid], f"metric {gm.name!r}", "edge scores (its value or gradient is not finite)")
+    scores = scores.masked_fill(~g.valid, float("nan"))
     method = "eap-ig" if ig_steps else "eap"
     attrs = dict(model=w.description, method=method, metric=gm.name, ablation=ablation.value)
     return EAPResult(
@@ -181,6 +187,8 @@ def integrated_gradient_scores(
     metric: MetricSpec,
     steps: int,
     clean_logits_at: Tensor,
+    *,
+    progress: bool = False,
 ) -> tuple[Float[Tensor, "n_src n_dst"], GraphMetric]:
     """Edge scores with the destination gradients averaged over `steps` points α = 1/m … 1 from the ablated
     to the clean embeddings, in batched forwards (each against the clean run's metric reference).
@@ -188,12 +196,14 @@ def integrated_gradient_scores(
     alphas = torch.arange(1, steps + 1, device=clean.device, dtype=clean.dtype) / steps
     per_step = clean.numel() * (4 + 3 * graph.n_layers)
     total, gm = None, None
-    for a in alphas.split(max(1, MAX_CHUNK_FLOATS // per_step)):
-        emb = ablated[None] + a[:, None, None, None, None] * (clean - ablated)[None]
-        run, grads = factored_gradients(w, graph, emb, positions, task, metric, clean_logits_at)
-        gm = run.metric
-        part = edge_scores(graph, w, diff, grads)
-        total = part if total is None else total + part
+    with tqdm(total=steps, desc="EAP-IG steps", disable=not progress, leave=False) as bar:
+        for a in alphas.split(max(1, MAX_CHUNK_FLOATS // per_step)):
+            emb = ablated[None] + a[:, None, None, None, None] * (clean - ablated)[None]
+            run, grads = factored_gradients(w, graph, emb, positions, task, metric, clean_logits_at)
+            gm = run.metric
+            part = edge_scores(graph, w, diff, grads)
+            total = part if total is None else total + part
+            bar.update(len(a))
     return total / steps, gm
 
 

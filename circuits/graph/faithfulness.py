@@ -14,6 +14,7 @@ import networkx as nx
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
 from circuits.graph.circuit import Circuit, top_n_mask
@@ -24,6 +25,7 @@ from circuits.graph.patching import Ablation, EdgePatcher
 from circuits.results import LabelledResult
 from circuits.tasks.metrics import MetricSpec
 from circuits.tasks.task import Task
+from circuits.validate import check_count, check_gap, check_scores, check_task
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,15 +74,18 @@ def faithfulness(
 ) -> Faithfulness:
     """The normalised metric of `circuit` alone (its edges kept, all others ablated) against the full model.
 
-    `ablation` defaults to the circuit's own (its `ablation` attribute) or resample;
-    `metric` to the task's (the one contract, `circuits.tasks.metrics`).
-    Raises ValueError for a circuit of another model. Example: `faithfulness(model, task, result.graph).normalised`
+    `ablation` defaults to the circuit's own (its `ablation` attribute) or resample; `metric` to the task's
+    (the one contract, `circuits.tasks.metrics`). Raises ValueError for a circuit of another model, and for a
+    task on which the full model and the fully ablated one score the same (the normalised value would be 0/0)
+    or the metric is not finite. Example: `faithfulness(model, task, result.graph).normalised`
     """
+    check_task(model, task)
     patcher = EdgePatcher(model, task, _ablation_of(circuit, ablation))
     c = as_circuit(circuit, patcher.graph, patcher.weights.description)
     gm = resolve_metric(task, metric, patcher.clean_logits_full)
     masks = torch.stack([c.members, patcher.graph.valid, torch.zeros_like(c.members)])
     values = gm(patcher.run(masks.to(patcher.device))).detach().cpu()
+    check_gap(float(values[1]), float(values[2]), name="task (full vs every edge ablated)", raise_on_zero=True)
     normalised = float((values[0] - values[2]) / (values[1] - values[2]))
     return Faithfulness(values=values, dims=("run",), labels=(("circuit", "full", "ablated"),), method="faithfulness",
                         info=dict(metric=gm.name, ablation=patcher.ablation.value, normalised=normalised),
@@ -96,16 +101,28 @@ def faithfulness_curve(
     ablation: Ablation | str = Ablation.RESAMPLE,
     metric: MetricSpec = None,
     by_abs: bool = True,
+    progress: bool = True,
 ) -> FaithfulnessCurve:
-    """The normalised metric of the circuit made of the top-n edges of `scores` (|score| unless `by_abs=False`;
-    nan last), for each n in `ns`, all in batched forwards. Example: `faithfulness_curve(model, task, r, [8, 16])`
+    """The normalised metric of the circuit made of the top-n edges of `scores` (|score| unless `by_abs=False`),
+    for each n ≥ 0 in `ns`, in batched forwards behind a progress bar (`progress=False` silences it). Scores must
+    be finite on every edge, except ACDC's NaN for an edge it never tested (ranked last). Raises ValueError
+    where `faithfulness` does. Example: `faithfulness_curve(model, task, r, [8, 16])`
     """
+    check_task(model, task)
+    ns = [check_count(n, "ns") for n in ns]
+    if not ns:
+        raise ValueError("ns: expected at least one circuit size")
     patcher = EdgePatcher(model, task, ablation)
     table = _score_table(scores, patcher.graph, patcher.weights.description)
-    gm = resolve_metric(task, metric, patcher.clean_logits_full)
     valid = patcher.graph.valid
-    masks = torch.stack([top_n_mask(table, valid, n, by_abs=by_abs) for n in ns] + [valid, torch.zeros_like(valid)])
-    values = gm(patcher.run(masks.to(patcher.device))).detach().cpu()
+    _check_ranked(table, valid, scores)
+    gm = resolve_metric(task, metric, patcher.clean_logits_full)
+    masks = torch.stack([valid, torch.zeros_like(valid)] + [top_n_mask(table, valid, n, by_abs=by_abs) for n in ns])
+    chunks = masks.to(patcher.device).split(patcher.chunk_size())
+    values = torch.cat([gm(patcher.run(m)).detach().cpu()
+                        for m in tqdm(chunks, desc="faithfulness curve", disable=not progress, leave=False)])
+    values = torch.cat([values[2:], values[:2]])  # the circuits, then full and ablated
+    check_gap(float(values[-2]), float(values[-1]), name="task (full vs every edge ablated)", raise_on_zero=True)
     normalised = (values[:-2] - values[-1]) / (values[-2] - values[-1])
     return FaithfulnessCurve(values=normalised, dims=("n_edges",), labels=(tuple(str(n) for n in ns),),
                              method="faithfulness_curve",
@@ -133,6 +150,8 @@ def roc(
     from its own FPR on (no interpolation between thresholds that were not run).
     Nodes are components (embeddings, heads, MLPs; graph source order); a circuit uses a node when a member
     edge leaves it or enters one of its inputs (`circuits.graph.known.circuit_nodes`).
+    Edge scores must be finite on every valid edge, except ACDC's nan for an edge it never tested (ranked
+    lowest); anything else non-finite is refused.
     Example: `roc(eap_result, truth).auc`, `roc([acdc(m, t, threshold=x) for x in (0.1, 0.01)], truth).auc`
     """
     if level not in ("edge", "node"):
@@ -155,6 +174,8 @@ def roc(
             return _sweep_roc([circuit_nodes(c) for c in circuits], truth_nodes, None, circuits)
         return _sweep_roc([c.members.cpu() for c in circuits], truth.cpu(), valid.cpu(), circuits)
     table = _table_of(scores)
+    if table.ndim == 2 and table.shape == truth.shape:
+        _check_ranked(table, valid, scores)
     if level == "node":
         if table.ndim == 2:
             table = _node_scores(table, truth_circuit.graph, by_abs)
@@ -246,6 +267,15 @@ def step_auc(fpr: Float[Tensor, " k"], tpr: Float[Tensor, " k"]) -> float:
     best = torch.stack([y[x <= e].max() for e in edges])
     widths = torch.diff(torch.cat([edges, torch.tensor([1.0], dtype=torch.float64)]))
     return float((best * widths).sum())
+
+
+def _check_ranked(table: Tensor, valid: Tensor, scores: object) -> None:
+    """Refuse NaN or infinite scores on edges: a ranking of them would be arbitrary. ACDC's scores are NaN where
+    an edge was never tested (its destination was already cut off): there NaN means "lowest" and is allowed."""
+    attrs = getattr(getattr(scores, "circuit", scores), "attrs", {})
+    if getattr(scores, "method", None) == "acdc" or attrs.get("method") == "acdc":
+        table = torch.nan_to_num(table, nan=0.0)
+    check_scores(table, valid.to(table.device), "scores")
 
 
 def as_circuit(circuit: Circuit | nx.DiGraph, graph: ComputeGraph, model_description: str) -> Circuit:

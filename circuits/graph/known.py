@@ -31,9 +31,9 @@ from jaxtyping import Bool
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
+from circuits.engine import Weights
 from circuits.graph.acdc import prune_dead_ends
 from circuits.graph.circuit import Circuit
-from circuits.engine import Weights
 from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.graph.patching import Ablation, EdgePatcher
 from circuits.tasks.task import Task

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from circuits.tasks.metrics import MetricSpec, checked_scalar, resolve
 from circuits.tasks.task import Metric, Task, kl_terms
+from circuits.validate import check_finite
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,10 +29,13 @@ class GraphMetric:
     higher_is_better: bool
 
     def __call__(self, logits_at: Float[Tensor, "k batch n vocab"]) -> Float[Tensor, " k"]:
-        return self.fn(logits_at)
+        """The metric of each run; a ValueError if any is NaN or infinite (no decision can rest on it)."""
+        value = self.fn(logits_at)
+        check_finite(value.detach(), f"metric {self.name!r}", "evaluated circuits")
+        return value
 
     def loss(self, logits_at: Float[Tensor, "k batch n vocab"]) -> Float[Tensor, " k"]:
-        value = self.fn(logits_at)
+        value = self(logits_at)
         return -value if self.higher_is_better else value
 
     def change(self, loss_increase: float) -> float:
@@ -54,18 +58,18 @@ def resolve_metric(
     scored = resolved.task
     if scored.metric is Metric.KL:
         clean_at = task.read_logits(clean_logits_full)  # read once: a metric is called for every evaluation
-        probs = clean_at.softmax(-1)
-        return GraphMetric(resolved.name, lambda logits_at: _mean_kl(task, logits_at, clean_at, probs), False)
+        log_probs = clean_at.log_softmax(-1)
+        return GraphMetric(resolved.name, lambda logits_at: _mean_kl(task, logits_at, clean_at, log_probs), False)
     return GraphMetric(resolved.name, scored.score_positions, higher_is_better=True)
 
 
 def _mean_kl(task: Task, logits_at: Float[Tensor, "k batch n vocab"], clean_at: Float[Tensor, "batch n vocab"],
-             clean_probs: Float[Tensor, "batch n vocab"]) -> Float[Tensor, " k"]:
+             clean_logprobs: Float[Tensor, "batch n vocab"]) -> Float[Tensor, " k"]:
     """`task.with_metric("kl").score_positions`, from the clean logits already at the metric positions."""
     if logits_at.shape[-3:-1] != clean_at.shape[:-1]:
         raise ValueError(f"logits: expected [..., {task.batch}, {len(task.positions)}, vocab] at the metric "
                          f"positions, got {tuple(logits_at.shape)}")
-    return kl_terms(logits_at, clean_at, clean_probs).mean(dim=(-1, -2))
+    return kl_terms(logits_at, clean_at, clean_logprobs).mean(dim=(-1, -2))
 
 
 def _callable_metric(task: Task, fn: Callable[[Tensor], Tensor], name: str, clean_logits_full: Tensor

@@ -13,6 +13,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
+from circuits.validate import check_count, check_number, check_tokens
+
 Batch = Int[Tensor, "batch pos"] | tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]
 DataSource = Tensor | Callable[[int, torch.Generator], Batch]  # a [n, pos] token tensor, checked in _sample
 
@@ -48,14 +50,15 @@ def next_token_loss(
     return (losses * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _sample(data: DataSource, batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+def _sample(model: TransformerBridge, data: DataSource, batch_size: int, gen: torch.Generator
+            ) -> tuple[Tensor, Tensor | None]:
     if isinstance(data, Tensor):
-        if data.ndim != 2:
-            raise ValueError(f"data: expected a [n, pos] token tensor, got shape {tuple(data.shape)}")
         rows = torch.randint(0, data.shape[0], (batch_size,), generator=gen)
         return data[rows], None
     batch = data(batch_size, gen)
-    return batch if isinstance(batch, tuple) else (batch, None)
+    tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
+    check_tokens(model, tokens, "data (the batch it returned)", min_pos=2)
+    return tokens, mask
 
 
 def train(
@@ -76,9 +79,15 @@ def train(
     `(batch_size, generator) -> tokens` or `-> (tokens, loss_mask)`. Deterministic for a seed on one
     machine: the same seed gives bit-identical weights. Example: `log = train(m, tokens, steps=500)`
     """
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"steps, batch_size must be ≥ 1 and lr > 0; got {steps}, {batch_size}, {lr}")
-    warmup = max(1, steps // 20) if warmup is None else warmup
+    check_count(steps, "steps", minimum=1)
+    check_count(batch_size, "batch_size", minimum=1)
+    check_number(lr, "lr", positive=True)
+    check_number(weight_decay, "weight_decay", minimum=0)
+    if isinstance(data, Tensor):
+        check_tokens(model, data, "data", min_pos=2)
+    elif not callable(data):
+        raise ValueError(f"data: expected a [n, pos] token tensor or a callable, got {type(data).__name__}")
+    warmup = max(1, steps // 20) if warmup is None else check_count(warmup, "warmup", minimum=1)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, steps))
@@ -87,7 +96,7 @@ def train(
     bar = tqdm(range(steps), disable=not progress, desc="train", leave=False)
     try:
         for _ in bar:
-            tokens, mask = _sample(data, batch_size, gen)
+            tokens, mask = _sample(model, data, batch_size, gen)
             loss = next_token_loss(model(tokens), tokens, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,6 +6,9 @@ Each checkpoint is regenerated, bit for bit on the same machine, by one command:
 
     python -m circuits.models.zoo --name attn2l-induction      # or --all
 
+`--resave NAME` rewrites a present checkpoint in the current checkpoint format without retraining: it loads it,
+saves it again, loads the new files with every check of `circuits.models.load` and requires the weights bit-equal.
+
 The recipes (data, model shape, training settings, what the card measures) are in `zoo_recipes`.
 `python -m circuits.models.zoo --table` prints a Markdown table of the available checkpoints, made from
 their cards; `--readme PATH` (repeatable) also writes it between `<!-- zoo:start -->` and `<!-- zoo:end -->`.
@@ -18,10 +21,11 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from transformer_lens import TransformerBridge
 
 from circuits.markers import markers, rewrite_marked_block
-from circuits.models.io import load
+from circuits.models.io import load, save
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 CARD = "card.json"
@@ -54,6 +58,23 @@ def load_pretrained(name: str) -> TransformerBridge:
     model = load(zoo_path(name))
     model.zoo_name = name
     return model
+
+
+def resave(name: str, out_dir: Path = ZOO_DIR) -> Path:
+    """Rewrite checkpoint `name` under `out_dir` in the current format (weights, tokenizer and card untouched);
+    raises unless the re-saved checkpoint loads, verified, to bit-equal weights."""
+    import warnings
+
+    folder = Path(out_dir) / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # an older format is what is being rewritten
+        model = load(folder)
+    save(model, folder)
+    again = load(folder)
+    before, after = model.state_dict(), again.state_dict()
+    if set(before) != set(after) or any(not torch.equal(before[k], after[k]) for k in before):
+        raise RuntimeError(f"{folder}: the re-saved weights differ from the loaded ones")
+    return folder
 
 
 def model_card(name: str) -> dict:
@@ -134,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--name", choices=NAMES, help="regenerate one checkpoint")
     group.add_argument("--all", action="store_true", help="regenerate every checkpoint")
     group.add_argument("--card", choices=NAMES, help="print a checkpoint's card")
+    group.add_argument("--resave", choices=NAMES, help="rewrite a present checkpoint in the current format, verified")
     group.add_argument("--table", action="store_true", help="print a Markdown table of the available checkpoints")
     parser.add_argument("--readme", type=Path, action="append", default=[], metavar="PATH",
                         help=f"with --table: also write the table between {START} and {END} in PATH (repeatable)")
@@ -148,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.readme:
             changed = rewrite_block(path, block)
             print(f"{path}: {'rewritten' if changed else 'unchanged'}", file=sys.stderr)
+        return 0
+    if args.resave:
+        print(f"{args.resave}: rewrote {resave(args.resave, args.out)} in the current checkpoint format")
         return 0
     if args.card:
         print(json.dumps(model_card(args.card), indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -137,20 +138,44 @@ def metric_terms(
 
 
 def kl_terms(logits_at: Float[Tensor, "*lead vocab"], clean_at: Float[Tensor, "..."],
-             clean_probs: Float[Tensor, "..."] | None = None) -> Float[Tensor, "*lead"]:
-    """KL(clean ‖ patched) over the last axis, from the logit change d = patched − clean. With p = softmax(clean)
-    and d centred so that Σ_v p_v d_v = 0 (logits are shift-invariant): Σ_v p_v (log p_v − log q_v) =
-    log Σ_v p_v e^{d_v} = log1p(Σ_v p_v expm1(d_v)), one term of the size of d² with an error of ~eps·|d|
-    (a difference of float32 log-softmaxes has ~eps·|log p|: all digits of a KL of 1e-9 are rounding).
-    `clean_probs` = softmax(clean_at), for a caller that scores many runs against one clean run.
+             clean_logprobs: Float[Tensor, "..."] | None = None) -> Float[Tensor, "*lead"]:
+    """KL(clean ‖ patched) over the last axis, exact to float rounding for any finite logits.
+
+    With p = softmax(clean) and d = patched − clean shifted so that Σ_v p_v d_v = 0 (logits are shift-invariant),
+    KL = log Σ_v p_v e^{d_v} = log1p(r + S) − r, where r = Σ_v p_v d_v (≈ 0: rounding left by the shift) and
+    S = Σ_v p_v (e^{d_v} − 1 − d_v), a sum of non-negative terms: no cancellation however small the KL (a
+    difference of float32 log-softmaxes has an error of ~eps·|log p|: every digit of a KL of 1e-9 is rounding).
+    Each term is computed without overflow or underflow, as exp(log p_v + d_v) − p_v (1 + d_v) where the change
+    is large, so a token whose clean probability underflows still counts. Where some p_v e^{d_v} exceeds e^60 the
+    KL is at least 60 and is read as logsumexp(log p + d) − r.
+    `clean_logprobs` = log_softmax(clean_at), for a caller that scores many runs against one clean run.
     Example: `kl_terms(logits_at, clean_at)` ([batch, n] for [batch, n, vocab] inputs)"""
-    p = clean_at.softmax(-1) if clean_probs is None else clean_probs
+    log_p = clean_at.log_softmax(-1) if clean_logprobs is None else clean_logprobs
+    p = log_p.exp()
     d = logits_at - clean_at
-    d = d - (d * p).sum(-1, keepdim=True)
-    m = d.amax(-1, keepdim=True)
-    if bool((m > 60).any()):  # expm1 would overflow: shift by the largest change (the KL is large there)
-        return m[..., 0] + ((d - m).exp() * p).sum(-1).log()
-    return (d.expm1() * p).sum(-1).log1p()
+    # shift exactly by the change at the clean run's mode first, so a constant shift gives d = 0 bit for bit
+    mode = log_p.argmax(-1, keepdim=True).expand(*d.shape[:-1], 1)
+    d = d - d.gather(-1, mode)
+    d = d - (p * d).sum(-1, keepdim=True)
+    r = (p * d).sum(-1)
+    x = log_p + d  # log(p e^d)
+    s = (p * _exp_excess(d.clamp(-_SERIES, _SERIES))).where(d.abs() < _SERIES, torch.where(
+        d > 0, x.clamp(max=_LOG_LARGE).exp() - p * (1 + d), p * (d.clamp(max=0).expm1() - d)))
+    small = (r + s.sum(-1)).log1p() - r
+    large = x.logsumexp(-1) - r
+    return torch.where(x.amax(-1) > _LOG_LARGE, large, small).clamp_min(0)
+
+
+_SERIES = 0.5  # |d| below which e^d − 1 − d is summed as its series (no cancellation)
+_LOG_LARGE = 60.0  # past log(p e^d) = 60 the KL exceeds 60 and logsumexp is exact to relative rounding
+
+
+def _exp_excess(d: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """e^d − 1 − d for |d| ≤ 1/2 by its Taylor series to d^11 (remainder below 2e-10 of the value)."""
+    acc = torch.full_like(d, 1 / math.factorial(11))
+    for k in range(10, 1, -1):
+        acc = acc * d + 1 / math.factorial(k)
+    return acc * d * d
 
 
 def _gather(x: Float[Tensor, "*lead batch n vocab"], idx: Int[Tensor, "..."]) -> Float[Tensor, "*lead batch n"]:

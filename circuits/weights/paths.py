@@ -22,6 +22,7 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.results import LabelledResult, head_name
+from circuits.validate import check_tokens
 from circuits.weights._common import ln_bias, ln_weight, n_layers, norm_type, stacked
 
 MAX_LAYERS = 2
@@ -61,13 +62,6 @@ def _check_model(model: TransformerBridge) -> None:
         raise ValueError(
             f"model: normalization_type must be None, 'LN' or 'LNPre', got {model.cfg.normalization_type!r}"
         )
-
-
-def _check_tokens(model: TransformerBridge, tokens: Tensor) -> None:
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
-        raise ValueError(f"tokens must be an integer tensor [batch, pos], got {getattr(tokens, 'shape', tokens)!r}")
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"tokens: at most n_ctx={model.cfg.n_ctx} positions, got {tokens.shape[1]}")
 
 
 class _LinearisedNorm:
@@ -121,8 +115,8 @@ def path_expansion(model: TransformerBridge, tokens: Int[Tensor, "batch pos"]) -
     float32). Raises ValueError for a model with MLPs or more than 2 layers.
     Example: `pe = path_expansion(model, tokens); pe.term("L0H2>L1H1")[0, -1].topk(3)`
     """
+    check_tokens(model, tokens, "tokens")
     _check_model(model)
-    _check_tokens(model, tokens)
     L, H = n_layers(model), int(model.cfg.n_heads)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=_hook_names(model))

@@ -183,8 +183,8 @@ def pattern_check(model: TransformerBridge, task: Task) -> dict[str, Any]:
     """Not a lens but a check on them: the heads whose attention patterns on the clean rows ([BOS, x, x]) look
     most like a previous-token head in layer 0 and an induction head in layer 1 (`circuits.models.head_scores`)."""
     half_len = (task.seq_len - 1) // 2
-    prev = previous_token_scores(model, task.clean)[0]
-    ind = induction_scores(model, task.clean, half_len)[1]
+    prev = previous_token_scores(model, task.clean).values[0]
+    ind = induction_scores(model, task.clean, half_len).values[1]
     return {"previous_token_head": head_name(0, int(prev.argmax())),
             "previous_token_score": round(float(prev.max()), 4),
             "induction_head": head_name(1, int(ind.argmax())), "induction_score": round(float(ind.max()), 4)}

@@ -173,7 +173,7 @@ def pycode_recipe(steps: int = 6000) -> Recipe:
 INDUCTION_SPEC = ModelSpec(2, 128, 4, 32, d_vocab=VOCAB, n_ctx=N_CTX, layernorm=True)
 # The curriculum, in steps: repeated random tokens from a fixed set of 64 token ids, then from the whole
 # vocabulary, then real code (MIX_AFTER). Warm-up rows are WARM_LEN tokens, two per code row (same tokens a step).
-CURRICULUM = {"subset": 1500, "vocabulary": 1000, "code": 5000}
+CURRICULUM = {"subset": 1500, "vocabulary": 1000, "code": 3000}
 SUBSET_SIZE, SUBSET_SEED = 64, 5
 WARM_LEN = 64
 WARM_HALF_LENS = (8, 31)  # |x| per batch in the warm-up rows, as attn2l-induction draws it
@@ -303,7 +303,7 @@ def pycode_induction_recipe() -> Recipe:
         make_data=_make_curriculum,
         measure=measure_pycode,
         extras=lens_extras,
-        threads=2,
+        threads=1,
         weight_decay=0.01,
         data={
             "description": f"a curriculum (steps {CURRICULUM}): first 2 x batch rows [BOS, r, x, x] of {WARM_LEN} "

@@ -1,6 +1,6 @@
 """The flagship analysis: one induction circuit seen through three lenses, on 2-layer attention-only models.
 
-    python -m analyses.induction [--model attn2l-induction --model attn2l-pycode] [--device cpu] [--out out/induction]
+    python -m analyses.induction [--model NAME_OR_FOLDER ...] [--device cpu] [--out out/induction]
 
 For each model it names a previous-token head and an induction head three times, independently:
 - **weights**: the head pair with the largest K-composition z-score, and `classify_heads`;
@@ -33,7 +33,7 @@ from circuits.weights import classify_heads, composition_scores
 from viz import Section, draw_composition, draw_dla, draw_result
 from viz.circuit import draw_circuit
 
-DEFAULT_MODELS = ("attn2l-induction", "attn2l-pycode")
+DEFAULT_MODELS = ("attn2l-induction", "attn2l-pycode-induction")
 KL_THRESHOLD = 0.02  # ACDC on KL, run beside the task-metric ACDC for comparison
 
 

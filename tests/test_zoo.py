@@ -205,6 +205,32 @@ def test_shipped_docs_hold_the_current_table(doc):
     )
 
 
+def test_remeasuring_an_unchanged_checkpoint_rewrites_the_same_card(tmp_path):
+    """`--remeasure` measures the saved weights again and keeps the training record: every figure comes back equal
+    (the `contains` sentences are compared by their numbers: their wording is the recipe's current one)."""
+    _require("attn2l-induction")
+    shutil.copytree(zoo.zoo_path("attn2l-induction"), tmp_path / "attn2l-induction")
+    assert zoo.main(["--remeasure", "attn2l-induction", "--out", str(tmp_path)]) == 0
+    again, card = json.loads((tmp_path / "attn2l-induction" / zoo.CARD).read_text()), model_card("attn2l-induction")
+    assert {k: v for k, v in again.items() if k != "contains"} == {k: v for k, v in card.items() if k != "contains"}
+    assert len(again["contains"]) == len(card["contains"])
+
+
+def test_the_recipe_modules_do_not_import_the_registry():
+    """No import circle: zoo_recipes knows no recipe; the recipe modules import zoo_recipes; zoo.recipe finds them."""
+    import ast
+    import inspect
+
+    from circuits.models import zoo_recipes
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(zoo_recipes)))
+                if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"circuits.models.zoo", "circuits.models.zoo_synthetic", "circuits.models.zoo_pycode"}
+    assert {zoo.recipe(name).name for name in zoo.NAMES} == set(zoo.NAMES)
+    with pytest.raises(ValueError, match="name: no recipe"):
+        zoo.recipe("attn9l-nothing")
+
+
 # ---------------------------------------------------------------- attn2l-induction
 
 

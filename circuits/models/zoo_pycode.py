@@ -308,8 +308,10 @@ def pycode_induction_recipe() -> Recipe:
         data={
             "description": f"a curriculum (steps {CURRICULUM}): first 2 x batch rows [BOS, r, x, x] of {WARM_LEN} "
             f"tokens per step, x distinct random tokens (|x| in {WARM_HALF_LENS[0]}..{WARM_HALF_LENS[1]}), r random "
-            f"filler of 0..{WARM_MAX_FILLER} tokens, drawn from a fixed set of {SUBSET_SIZE} token ids, then from "
-            f"the whole vocabulary; then the stdlib code of attn2l-pycode (same tokenizer, same held-out modules), "
+            f"filler of 0..{WARM_MAX_FILLER} tokens, drawn "
+            + (f"from a fixed set of {SUBSET_SIZE} token ids, then " if CURRICULUM["subset"] else "")
+            + "from the whole vocabulary; then the stdlib code of attn2l-pycode (same tokenizer, same held-out "
+            f"modules), "
             f"rows of {N_CTX} tokens, mix per batch {MIX_AFTER}",
             "curriculum_steps": CURRICULUM, "subset_size": SUBSET_SIZE, "subset_seed": SUBSET_SEED,
             "warm_len": WARM_LEN, "warm_half_len_range": list(WARM_HALF_LENS), "warm_max_filler": WARM_MAX_FILLER,

@@ -111,3 +111,23 @@ def test_bad_arguments_are_refused(model, fitted):
         fit_tuned_lens(model, rows(8, 0), steps=0)
     with pytest.raises(ValueError, match="weight, bias"):
         TunedLens(torch.zeros(3, 4, 5), torch.zeros(3, 4))
+
+
+def test_the_comparison_figure_draws_each_lens_kl_and_log_prob_per_stage(model, fitted):
+    import numpy as np
+
+    import viz
+
+    tokens = rows(8, 11)
+    results = {"logit lens": logit_lens(model, tokens), "tuned lens": tuned_lens(model, tokens, fitted)}
+    fig = viz.draw_lens_comparison(results)
+    assert len(fig.data) == 4 and fig.layout.yaxis.type == "log"
+    for i, result in enumerate(results.values()):
+        kl, logprob = fig.data[2 * i], fig.data[2 * i + 1]
+        expected = result.kl_to_final().values.mean(-1).numpy()
+        np.testing.assert_allclose(np.asarray(kl.y)[:-1], expected[:-1], rtol=1e-6)
+        assert np.asarray(kl.y)[-1] > 0  # the final stage's 0 is drawn at the floor of the log axis
+        np.testing.assert_allclose(np.asarray(logprob.y), result.values.mean(-1).numpy(), rtol=1e-6)
+        assert list(kl.x) == list(result.labels[0])
+    with pytest.raises(ValueError, match="lenses"):
+        viz.draw_lens_comparison({})

@@ -1,6 +1,6 @@
 """The flagship analysis: one induction circuit seen through three lenses, on 2-layer attention-only models.
 
-    python -m analyses.induction [--model attn2l-induction --model attn2l-pycode] [--device cpu] [--out out/induction]
+    python -m analyses.induction [--model NAME_OR_FOLDER ...] [--device cpu] [--out out/induction]
 
 For each model it first checks the behaviour: the task's metric must be higher on the clean (repeated) rows than
 on the corrupted ones by more than twice its standard error; a model without the behaviour is reported as such and
@@ -36,7 +36,7 @@ from circuits.weights import classify_heads, composition_scores
 from viz import Section, draw_composition, draw_dla, draw_result
 from viz.circuit import draw_circuit
 
-DEFAULT_MODELS = ("attn2l-induction", "attn2l-pycode")
+DEFAULT_MODELS = ("attn2l-induction", "attn2l-pycode-induction")
 KL_THRESHOLD = 0.02  # ACDC on KL, run beside the task-metric ACDC for comparison
 
 
@@ -224,8 +224,8 @@ def pattern_check(model: TransformerBridge, task: Task) -> dict[str, Any]:
     """Not a lens but a check on them: the heads whose attention patterns on the clean rows ([BOS, x, x]) look
     most like a previous-token head in layer 0 and an induction head in layer 1 (`circuits.models.head_scores`)."""
     half_len = (task.seq_len - 1) // 2
-    prev = previous_token_scores(model, task.clean)[0]
-    ind = induction_scores(model, task.clean, half_len)[1]
+    prev = previous_token_scores(model, task.clean).values[0]
+    ind = induction_scores(model, task.clean, half_len).values[1]
     return {"previous_token_head": head_name(0, int(prev.argmax())),
             "previous_token_score": round(float(prev.max()), 4),
             "induction_head": head_name(1, int(ind.argmax())), "induction_score": round(float(ind.max()), 4)}

@@ -64,6 +64,19 @@ class LabelledResult:
         return rows
 
 
+@dataclass(frozen=True, eq=False)
+class HeadScores(LabelledResult):
+    """One score per head, [layer, head]: what the weight signatures (`circuits.weights`) and the attention
+    scores measured on a forward pass (`circuits.models.head_scores`) both return; `method` says which."""
+
+    @classmethod
+    def of(cls, values: Tensor, method: str, **info: Any) -> HeadScores:
+        """Scores [layer, head] with the labels L0.., H0..; `info` records how they were computed."""
+        L, H = values.shape
+        return cls(values=values, dims=("layer", "head"), labels=(layer_labels(L), head_labels(H)), method=method,
+                   info=info)
+
+
 def layer_labels(n: int) -> tuple[str, ...]:
     return tuple(f"L{i}" for i in range(n))
 

@@ -46,7 +46,7 @@ def test_attn2l_induction_weight_previous_token_score_matches_the_measured_atten
     _require("attn2l-induction")
     model = load_pretrained("attn2l-induction")
     tokens = torch.randint(0, model.cfg.d_vocab, (64, model.cfg.n_ctx), generator=torch.Generator().manual_seed(0))
-    measured = measured_previous_token_scores(model, tokens)
+    measured = measured_previous_token_scores(model, tokens).values
     ours = previous_token_scores(model).values
     err = float((ours - measured).abs().max())
     _report(record_property, max_abs_difference=round(err, 4))

@@ -205,6 +205,32 @@ def test_shipped_docs_hold_the_current_table(doc):
     )
 
 
+def test_remeasuring_an_unchanged_checkpoint_rewrites_the_same_card(tmp_path):
+    """`--remeasure` measures the saved weights again and keeps the training record: every figure comes back equal
+    (the `contains` sentences are compared by their numbers: their wording is the recipe's current one)."""
+    _require("attn2l-induction")
+    shutil.copytree(zoo.zoo_path("attn2l-induction"), tmp_path / "attn2l-induction")
+    assert zoo.main(["--remeasure", "attn2l-induction", "--out", str(tmp_path)]) == 0
+    again, card = json.loads((tmp_path / "attn2l-induction" / zoo.CARD).read_text()), model_card("attn2l-induction")
+    assert {k: v for k, v in again.items() if k != "contains"} == {k: v for k, v in card.items() if k != "contains"}
+    assert len(again["contains"]) == len(card["contains"])
+
+
+def test_the_recipe_modules_do_not_import_the_registry():
+    """No import circle: zoo_recipes knows no recipe; the recipe modules import zoo_recipes; zoo.recipe finds them."""
+    import ast
+    import inspect
+
+    from circuits.models import zoo_recipes
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(zoo_recipes)))
+                if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"circuits.models.zoo", "circuits.models.zoo_synthetic", "circuits.models.zoo_pycode"}
+    assert {zoo.recipe(name).name for name in zoo.NAMES} == set(zoo.NAMES)
+    with pytest.raises(ValueError, match="name: no recipe"):
+        zoo.recipe("attn9l-nothing")
+
+
 # ---------------------------------------------------------------- attn2l-induction
 
 
@@ -213,7 +239,7 @@ def test_attn2l_induction_heads_are_the_ones_the_card_names(record_property):
     model, card = load_pretrained("attn2l-induction"), model_card("attn2l-induction")
     half = card["measurements"]["eval_half_len"]
     tokens = repeated_random_tokens(256, half, card["data"]["d_vocab"], bos=card["data"]["bos"], generator=_gen())
-    prev, ind = previous_token_scores(model, tokens), induction_scores(model, tokens, half)
+    prev, ind = previous_token_scores(model, tokens).values, induction_scores(model, tokens, half).values
     threshold = card["head_score_threshold"]
     found_prev = [row[:2] for row in heads_above(prev, threshold)]
     found_ind = [row[:2] for row in heads_above(ind, threshold)]
@@ -363,3 +389,54 @@ def test_card_json_is_plain_json():
     """Every card parses with the json module alone (no NaN / Infinity)."""
     for name in PRESENT:
         json.loads((zoo.zoo_path(name) / zoo.CARD).read_text(), parse_constant=lambda c: pytest.fail(c))
+
+
+# ---------------------------------------------------------------- attn2l-pycode-induction
+
+
+@pytest.fixture(scope="module")
+def pycode_induction():
+    _require("attn2l-pycode-induction")
+    model = load_pretrained("attn2l-pycode-induction")
+    return model, model_card("attn2l-pycode-induction"), code_corpus().heldout_texts()
+
+
+def test_attn2l_pycode_induction_heads_and_in_context_drop_on_fresh_held_out_code(pycode_induction, record_property):
+    """Re-measured on fresh snippets of the held-out modules: the heads the card names pass the threshold, and
+    the second copy of a repeated snippet is predicted better than the first, as the card says."""
+    model, card, texts = pycode_induction
+    half = card["measurements"]["repeated_code_half_len"]
+    snippets = random_windows(encode_texts(model.bpe, texts), 256, half, generator=_gen())
+    tokens = torch.cat([torch.full((256, 1), model.bpe.bos_id), snippets, snippets], dim=1)
+    prev, ind = previous_token_scores(model, tokens).values, induction_scores(model, tokens, half).values
+    threshold = card["head_score_threshold"]
+    found_prev = [row[:2] for row in heads_above(prev, threshold)]
+    found_ind = [row[:2] for row in heads_above(ind, threshold)]
+    with torch.no_grad():
+        logits = model(tokens)
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    first, second = float(losses[:, 1:half].mean()), float(losses[:, half + 1:2 * half].mean())
+    _report(record_property, previous_token_heads=found_prev, induction_heads=found_ind,
+            in_context_drop=round(first - second, 4), card_drop=card["measurements"]["in_context_drop"])
+    assert card["induction_heads"] and card["previous_token_heads"]
+    assert sorted(found_ind) == sorted(card["induction_heads"])
+    assert sorted(found_prev) == sorted(card["previous_token_heads"])
+    assert first - second > 0.5 * card["measurements"]["in_context_drop"] > 0
+
+
+def test_attn2l_pycode_induction_tuned_lens_beats_the_logit_lens_on_fresh_held_out_code(pycode_induction,
+                                                                                        record_property):
+    from circuits.activations import TunedLens, logit_lens, tuned_lens
+    from circuits.models.zoo_pycode import code_rows
+
+    model, card, texts = pycode_induction
+    lens = TunedLens.load(zoo.zoo_path("attn2l-pycode-induction"), model)
+    held = code_rows(model, texts, 32, seed=FRESH_SEED)
+    plain = logit_lens(model, held).kl_to_final().values.mean(-1)
+    tuned = tuned_lens(model, held, lens).kl_to_final().values.mean(-1)
+    _report(record_property, logit_lens_kl=[round(float(v), 4) for v in plain],
+            tuned_lens_kl=[round(float(v), 4) for v in tuned])
+    assert (tuned[:-1] <= plain[:-1]).all()
+    assert float(tuned[-1]) == pytest.approx(0.0, abs=1e-5)
+    d = model.cfg.d_model
+    assert float((lens.weight[-1] - torch.eye(d)).abs().max()) < 1e-4

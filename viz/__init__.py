@@ -11,6 +11,7 @@ from viz.composition import draw_composition
 from viz.curves import draw_faithfulness, draw_roc
 from viz.dla import draw_dla
 from viz.labelled import draw_bar, draw_facets, draw_heatmap, draw_result
+from viz.lens import draw_lens_comparison
 from viz.qkov import copying_score, draw_eigenvalues, draw_top_pairs, top_pairs
 from viz.report import Section, report
 from viz.theme import DIVERGING, SEQUENTIAL, TEMPLATE
@@ -18,5 +19,5 @@ from viz.theme import DIVERGING, SEQUENTIAL, TEMPLATE
 __all__ = [
     "DIVERGING", "SEQUENTIAL", "Section", "TEMPLATE", "copying_score", "draw_attention", "draw_bar", "draw_circuit",
     "draw_composition", "draw_dla", "draw_eigenvalues", "draw_facets", "draw_faithfulness", "draw_heatmap",
-    "draw_result", "draw_roc", "draw_top_pairs", "report", "top_pairs",
+    "draw_lens_comparison", "draw_result", "draw_roc", "draw_top_pairs", "report", "top_pairs",
 ]

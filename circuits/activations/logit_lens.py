@@ -25,6 +25,44 @@ class LensResult(LabelledResult):
     top_tokens: Tensor | None = None
     logits: Tensor | None = None
 
+    def kl_to_final(self) -> LabelledResult:
+        """KL(final ‖ stage) of each stage's next-token distribution, [stage, pos] (mean over the batch, nats).
+
+        The final stage is the model's own distribution, so its row is 0. Computed with the project's one KL
+        (`circuits.tasks.task.kl_terms`). Example: `logit_lens(model, tokens).kl_to_final().values.mean(-1)`
+        """
+        from circuits.tasks.task import kl_terms
+
+        if self.logits is None:
+            raise ValueError("result: has no logits to compare with the final stage")
+        logits = self.logits[:, :, :-1]  # the positions of `values`: 0..pos-2
+        final = logits[-1]
+        kl = kl_terms(logits, final.expand_as(logits), final.softmax(-1)).mean(1)  # [stage, pos]
+        return LabelledResult(values=kl, dims=("stage", "pos"), labels=self.labels,
+                              method=f"{self.method}_kl_to_final", info={**self.info, "kl": "KL(final ‖ stage), nats"})
+
+
+def residual_stages(model: TransformerBridge, tokens: Int[Tensor, "batch pos"]
+                    ) -> tuple[Float[Tensor, "stage batch pos d_model"], tuple[str, ...]]:
+    """The residual stream entering every block and leaving the last one (no gradients), and stage names."""
+    L = model.cfg.n_layers
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + ["ln_final.hook_in"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    return torch.stack([cache[n] for n in names]), tuple(f"L{i} in" for i in range(L)) + ("final",)
+
+
+def lens_result(model: TransformerBridge, tokens: Int[Tensor, "batch pos"],
+                logits: Float[Tensor, "stage batch pos vocab"], stages: tuple[str, ...], method: str,
+                info: dict) -> LensResult:
+    """A `LensResult` from every stage's lens logits: the log-probability of the next token, and the argmax."""
+    logprobs = logits.log_softmax(-1)
+    nxt = tokens[:, 1:].to(logits.device)
+    read = torch.gather(logprobs[:, :, :-1], -1, nxt.expand(len(stages), -1, -1)[..., None])[..., 0]
+    labels = token_labels(model, tokens[0])[:-1]
+    return LensResult(values=read.mean(1).cpu(), dims=("stage", "pos"), labels=(stages, labels), method=method,
+                      info=info, top_tokens=logits.argmax(-1).cpu(), logits=logits.cpu())
+
 
 def logit_lens(model: TransformerBridge, tokens: Int[Tensor, "batch pos"]) -> LensResult:
     """Apply ln_final (scale recomputed from each layer's residual stream) and the unembedding to the residual
@@ -33,22 +71,10 @@ def logit_lens(model: TransformerBridge, tokens: Int[Tensor, "batch pos"]) -> Le
     Example: `logit_lens(model, tokens).values[:, -1]` (how well each layer predicts the last token).
     """
     check_tokens(model, tokens, "tokens", min_pos=2)
-    L = model.cfg.n_layers
-    names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + ["ln_final.hook_in"]
-    if L == 0:
-        names = ["ln_final.hook_in"]
+    resid, stages = residual_stages(model, tokens)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        resid = torch.stack([cache[n] for n in names])  # stage batch pos d_model
         logits = lens_logits(model, resid)
-    logprobs = logits.log_softmax(-1)
-    nxt = tokens[:, 1:].to(logits.device)
-    read = torch.gather(logprobs[:, :, :-1], -1, nxt.expand(len(names), -1, -1)[..., None])[..., 0]
-    stages = tuple(f"L{i} in" for i in range(L)) + ("final",)
-    labels = token_labels(model, tokens[0])[:-1]
-    return LensResult(values=read.mean(1).cpu(), dims=("stage", "pos"), labels=(stages, labels),
-                      method="logit_lens", info={"scale": "recomputed per stage"},
-                      top_tokens=logits.argmax(-1).cpu(), logits=logits.cpu())
+    return lens_result(model, tokens, logits, stages, "logit_lens", {"scale": "recomputed per stage"})
 
 
 def lens_logits(model: TransformerBridge, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab"]:

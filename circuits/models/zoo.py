@@ -9,7 +9,8 @@ Each checkpoint is regenerated, bit for bit on the same machine, by one command:
 `--resave NAME` rewrites a present checkpoint in the current checkpoint format without retraining: it loads it,
 saves it again, loads the new files with every check of `circuits.models.load` and requires the weights bit-equal.
 
-The recipes (data, model shape, training settings, what the card measures) are in `zoo_recipes`.
+The recipes (data, model shape, training settings, what the card measures) are in `zoo_synthetic` and
+`zoo_pycode`, built on `zoo_recipes`; `recipe(name)` returns one.
 `python -m circuits.models.zoo --table` prints a Markdown table of the available checkpoints, made from
 their cards; `--readme PATH` (repeatable) also writes it between `<!-- zoo:start -->` and `<!-- zoo:end -->`.
 """
@@ -29,8 +30,20 @@ from circuits.models.io import load, save
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 CARD = "card.json"
-NAMES = ("attn0l-bigram", "attn1l-skiptrigram", "attn2l-induction", "attn2l-pycode")
+NAMES = ("attn0l-bigram", "attn1l-skiptrigram", "attn2l-induction", "attn2l-pycode", "attn2l-pycode-induction")
 START, END = markers("zoo")
+
+
+def recipe(name: str):
+    """The `zoo_recipes.Recipe` of zoo model `name`. Example: `recipe("attn2l-induction").steps`"""
+    from circuits.models import zoo_pycode, zoo_synthetic
+
+    recipes = {r.name: r for r in (zoo_synthetic.bigram_recipe(), zoo_synthetic.skip_trigram_recipe(),
+                                   zoo_synthetic.induction_recipe(), zoo_pycode.pycode_recipe(),
+                                   zoo_pycode.pycode_induction_recipe())}
+    if name not in recipes:
+        raise ValueError(f"name: no recipe for {name!r}; expected one of {sorted(recipes)}")
+    return recipes[name]
 
 
 def available() -> list[str]:
@@ -154,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--name", choices=NAMES, help="regenerate one checkpoint")
     group.add_argument("--all", action="store_true", help="regenerate every checkpoint")
+    group.add_argument("--remeasure", choices=NAMES, help="measure a present checkpoint again and rewrite its card "
+                       "(the weights and the card's training record are kept)")
     group.add_argument("--card", choices=NAMES, help="print a checkpoint's card")
     group.add_argument("--resave", choices=NAMES, help="rewrite a present checkpoint in the current format, verified")
     group.add_argument("--table", action="store_true", help="print a Markdown table of the available checkpoints")
@@ -177,10 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.card:
         print(json.dumps(model_card(args.card), indent=2))
         return 0
-    from circuits.models.zoo_recipes import regenerate
+    from circuits.models.zoo_recipes import regenerate, remeasure
+
+    if args.remeasure:
+        card = remeasure(recipe(args.remeasure), args.out)
+        print(f"{args.remeasure}: rewrote {args.out / args.remeasure / CARD} "
+              f"(held-out loss {card['heldout_loss']:.4f})")
+        return 0
 
     for name in NAMES if args.all else [args.name]:
-        card = regenerate(name, args.out, progress=not args.quiet)
+        card = regenerate(recipe(name), args.out, progress=not args.quiet)
         print(f"{name}: wrote {args.out / name} (final train loss {card['final_train_loss']:.4f}, "
               f"held-out loss {card['heldout_loss']:.4f}, {card['training']['train_seconds']:.0f} s)")
     return 0

@@ -40,19 +40,19 @@ def _make_data():
 
 
 class MixedRows:
-    """Training batches (fractions in MIX): plain code windows; [BOS, c, s, s, code…] with s a code snippet;
-    [BOS, c, x, x, code…] with x distinct random tokens. |s|, |x| uniform in REPEAT_LEN and the length of the
-    code prefix c uniform in 0..MAX_OFFSET, drawn per batch (the offset keeps a head from finding the earlier
-    copy by position alone)."""
+    """Training batches (fractions in `mix`, default MIX): plain code windows; [BOS, c, s, s, code…] with s a
+    code snippet; [BOS, c, x, x, code…] with x distinct random tokens. |s|, |x| uniform in REPEAT_LEN and the
+    length of the code prefix c uniform in 0..MAX_OFFSET, drawn per batch (the offset keeps a head from finding
+    the earlier copy by position alone)."""
 
-    def __init__(self, stream: torch.Tensor, bos: int, vocab: int):
-        self.stream, self.bos, self.vocab = stream, bos, vocab
+    def __init__(self, stream: torch.Tensor, bos: int, vocab: int, mix: dict[str, float] = MIX):
+        self.stream, self.bos, self.vocab, self.mix = stream, bos, vocab, mix
 
     def __call__(self, batch: int, gen: torch.Generator) -> torch.Tensor:
         from circuits.tasks import random_windows
 
-        n_code = round(batch * MIX["repeated_code"])
-        n_rand = round(batch * MIX["repeated_random_tokens"])
+        n_code = round(batch * self.mix["repeated_code"])
+        n_rand = round(batch * self.mix["repeated_random_tokens"])
         n_plain = batch - n_code - n_rand
         half = int(torch.randint(REPEAT_LEN[0], REPEAT_LEN[1] + 1, (1,), generator=gen))
         offset = int(torch.randint(0, MAX_OFFSET + 1, (1,), generator=gen))
@@ -164,5 +164,158 @@ def pycode_recipe(steps: int = 6000) -> Recipe:
             f"{REPEAT_LEN[0]}..{REPEAT_LEN[1]} and the code prefix c of 0..{MAX_OFFSET} tokens",
             "mix": MIX, "repeat_len_range": list(REPEAT_LEN), "max_offset": MAX_OFFSET, "vocab_size": VOCAB,
             "heldout_modules": "circuits.tasks.HELDOUT_MODULES",
+        },
+    )
+
+
+# ---------------------------------------------------------------- attn2l-pycode-induction
+
+INDUCTION_SPEC = ModelSpec(2, 128, 4, 32, d_vocab=VOCAB, n_ctx=N_CTX, layernorm=True)
+# The curriculum, in steps: repeated random tokens from a fixed set of 64 token ids, then from the whole
+# vocabulary, then real code (MIX_AFTER). Warm-up rows are WARM_LEN tokens, two per code row (same tokens a step).
+CURRICULUM = {"subset": 1500, "vocabulary": 1000, "code": 3000}
+SUBSET_SIZE, SUBSET_SEED = 64, 5
+WARM_LEN = 64
+WARM_HALF_LENS = (8, 31)  # |x| per batch in the warm-up rows, as attn2l-induction draws it
+WARM_MAX_FILLER = 20
+MIX_AFTER = {"plain_code": 0.5, "repeated_code": 0.25, "repeated_random_tokens": 0.25}
+LENS_ROWS, LENS_STEPS = 2048, 300  # tuned lens: training windows of the training code, and SGD steps
+
+
+class CurriculumRows:
+    """Training batches of attn2l-pycode-induction; the i-th call makes step i's batch.
+
+    Warm-up (the first CURRICULUM["subset"] + CURRICULUM["vocabulary"] steps): 2·batch rows
+    [BOS, r_1..r_m, x, x] truncated to WARM_LEN tokens, x distinct random tokens (|x| uniform in
+    WARM_HALF_LENS) and r random filler (m uniform in 0..WARM_MAX_FILLER), drawn per batch: the rows on which
+    attn2l-induction forms its heads. Tokens come first from a fixed random set of SUBSET_SIZE ids (as small a
+    choice as attn2l-induction's vocabulary, where the two heads form together quickly), then from the whole
+    vocabulary. Later steps: `MixedRows` with MIX_AFTER (real code, a share of rows repeating a span of code or
+    of random tokens, which keeps the heads in use).
+    """
+
+    def __init__(self, stream: torch.Tensor, bos: int, vocab: int):
+        self.mixed = MixedRows(stream, bos, vocab, MIX_AFTER)
+        self.bos, self.step = bos, 0
+        pool = torch.tensor([t for t in range(vocab) if t != bos])
+        self.pool = pool
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SUBSET_SEED))
+        self.subset = pool[order][:SUBSET_SIZE]
+
+    def __call__(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        self.step += 1
+        if self.step > CURRICULUM["subset"] + CURRICULUM["vocabulary"]:
+            return self.mixed(batch, gen)
+        pool = self.subset if self.step <= CURRICULUM["subset"] else self.pool
+        n = 2 * batch
+        half = int(torch.randint(WARM_HALF_LENS[0], WARM_HALF_LENS[1] + 1, (1,), generator=gen))
+        m = int(torch.randint(0, WARM_MAX_FILLER + 1, (1,), generator=gen))
+        x = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:half]] for _ in range(n)])
+        filler = pool[torch.randint(0, len(pool), (n, m), generator=gen)]
+        bos = torch.full((n, 1), self.bos, dtype=torch.long)
+        return torch.cat([bos, filler, x, x], dim=1)[:, :WARM_LEN]
+
+
+def _make_curriculum():
+    from circuits.tasks import encode_texts
+
+    corpus, tokenizer = _corpus_and_tokenizer()
+    stream = encode_texts(tokenizer, corpus.train_texts())
+    return CurriculumRows(stream, tokenizer.bos_id, tokenizer.vocab_size), tokenizer
+
+
+def code_rows(model: TransformerBridge, texts: list[str], n: int, seed: int) -> torch.Tensor:
+    """`n` rows [BOS, N_CTX − 1 consecutive tokens] of `texts`, at offsets drawn from `seed`."""
+    from circuits.tasks import encode_texts, random_windows
+
+    stream = encode_texts(model.bpe, texts)
+    windows = random_windows(stream, n, N_CTX - 1, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([torch.full((n, 1), model.bpe.bos_id), windows], dim=1)
+
+
+def lens_extras(model: TransformerBridge, folder) -> dict:
+    """Fit the tuned lens on training code and save it beside the model; compare it with the logit lens on
+    held-out code; and run the flagship's three lenses (`analyses.induction`) on the model."""
+    from circuits.activations import fit_tuned_lens, logit_lens, tuned_lens
+    from circuits.tasks import code_corpus
+
+    corpus = code_corpus()
+    lens = fit_tuned_lens(model, code_rows(model, corpus.train_texts(), LENS_ROWS, seed=1), steps=LENS_STEPS,
+                          progress=False)
+    lens.save(folder)
+    held = code_rows(model, corpus.heldout_texts(), 64, seed=HELDOUT_SEED)
+    logit_res, tuned_res = logit_lens(model, held), tuned_lens(model, held, lens)
+    stages = list(logit_res.labels[0])
+    logit_kl = [round(float(v), 4) for v in logit_res.kl_to_final().values.mean(-1)]
+    tuned_kl = [round(float(v), 4) for v in tuned_res.kl_to_final().values.mean(-1)]
+    example = slice(40, 48)  # a few positions of the first held-out row, each stage's top token there
+    top = {name: {stage: model.bpe.to_str_tokens(res.top_tokens[i, 0, example].tolist())
+                  for i, stage in enumerate(stages)} for name, res in (("logit", logit_res), ("tuned", tuned_res))}
+    verdicts = flagship_verdicts(model)
+    kl_line = ", ".join(f"{s} {a:.3f} → {b:.3f}" for s, a, b in zip(stages[:-1], logit_kl[:-1], tuned_kl[:-1]))
+    contains = [
+        f"tuned lens (tuned_lens.safetensors, {LENS_STEPS} SGD steps on training code): mean KL(final ‖ stage) on "
+        f"64 held-out windows, logit lens → tuned lens: {kl_line} nats",
+        "the flagship's lenses (python -m analyses.induction): " + verdicts["text"],
+    ]
+    return {
+        "tuned_lens": {
+            "file": "tuned_lens.safetensors", "stages": stages, "training": lens.info,
+            "kl_to_final_logit_lens": logit_kl, "kl_to_final_tuned_lens": tuned_kl,
+            "kl_definition": "mean over 64 held-out windows [BOS + 127 tokens] (data seed 1234) and positions of "
+            "KL(final ‖ stage) in nats (circuits.tasks.task.kl_terms)",
+            "top_tokens_example": {
+                "row": 0, "positions": [example.start, example.stop - 1],
+                "next_tokens": model.bpe.to_str_tokens(held[0, example.start + 1:example.stop + 1].tolist()), **top},
+        },
+        "lens_verdicts": verdicts,
+        "contains": contains,
+    }
+
+
+def flagship_verdicts(model: TransformerBridge) -> dict:
+    """The heads each lens of the flagship analysis names, with its own defaults (batch 16, threshold 0.01)."""
+    from analyses.induction import analyse  # the flagship itself, so that the card says what it says
+
+    summary, _ = analyse(model.zoo_name if hasattr(model, "zoo_name") else "model", model, batch=16,
+                         threshold=0.01, seed=0)
+    named = {lens: [v["previous_token_head"], v["induction_head"]] for lens, v in summary["lenses"].items()}
+    agree = {role: summary["agreement"][role]["agree"] for role in ("previous_token_head", "induction_head")}
+    text = "; ".join(f"{lens} {p} → {i}" for lens, (p, i) in named.items())
+    text += (f" (previous-token head: {'agree' if agree['previous_token_head'] else 'disagree'}, induction head: "
+             f"{'agree' if agree['induction_head'] else 'disagree'}); attention patterns: "
+             f"{summary['attention_pattern_check']['previous_token_head']} → "
+             f"{summary['attention_pattern_check']['induction_head']}")
+    return {"named": named, "agree": agree, "attention_pattern_check": summary["attention_pattern_check"],
+            "task": summary["task"], "text": text}
+
+
+def pycode_induction_recipe() -> Recipe:
+    return Recipe(
+        name="attn2l-pycode-induction",
+        summary="2-layer attention-only model of the Python standard library's source (byte-level BPE, 1024 "
+        "tokens) with induction heads: a curriculum of repeated random tokens first, then real code; measured on "
+        "natural held-out modules. Ships a tuned lens.",
+        spec=INDUCTION_SPEC,
+        steps=sum(CURRICULUM.values()),
+        lr=2e-3,
+        batch_size=32,
+        make_data=_make_curriculum,
+        measure=measure_pycode,
+        extras=lens_extras,
+        threads=1,
+        weight_decay=0.01,
+        data={
+            "description": f"a curriculum (steps {CURRICULUM}): first 2 x batch rows [BOS, r, x, x] of {WARM_LEN} "
+            f"tokens per step, x distinct random tokens (|x| in {WARM_HALF_LENS[0]}..{WARM_HALF_LENS[1]}), r random "
+            f"filler of 0..{WARM_MAX_FILLER} tokens, drawn "
+            + (f"from a fixed set of {SUBSET_SIZE} token ids, then " if CURRICULUM["subset"] else "")
+            + "from the whole vocabulary; then the stdlib code of attn2l-pycode (same tokenizer, same held-out "
+            f"modules), "
+            f"rows of {N_CTX} tokens, mix per batch {MIX_AFTER}",
+            "curriculum_steps": CURRICULUM, "subset_size": SUBSET_SIZE, "subset_seed": SUBSET_SEED,
+            "warm_len": WARM_LEN, "warm_half_len_range": list(WARM_HALF_LENS), "warm_max_filler": WARM_MAX_FILLER,
+            "mix_after": MIX_AFTER, "repeat_len_range": list(REPEAT_LEN), "max_offset": MAX_OFFSET,
+            "vocab_size": VOCAB, "heldout_modules": "circuits.tasks.HELDOUT_MODULES",
         },
     )

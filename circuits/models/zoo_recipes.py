@@ -1,8 +1,10 @@
-"""How each zoo checkpoint is made: its data, shape, training settings, and the measurements on its card.
+"""How a zoo checkpoint is made: its data, shape, training settings, and the measurements on its card.
 
-`regenerate(name, out_dir)` trains from scratch with fixed seeds and a fixed number of torch threads
-(so that the same machine gives the same weights), measures the model on held-out data, and writes
-model.safetensors, config.json (and tokenizer.json), card.json and card.md into `out_dir/name`.
+The recipes themselves are in `zoo_synthetic` and `zoo_pycode` (which import this module, never the reverse);
+`circuits.models.zoo.recipe(name)` finds one by name. `regenerate(recipe, out_dir)` trains from scratch with
+fixed seeds and a fixed number of torch threads (so that the same machine gives the same weights), measures
+the model on held-out data, and writes model.safetensors, config.json (and tokenizer.json), card.json and
+card.md into `out_dir/name`.
 """
 
 from __future__ import annotations
@@ -43,36 +45,21 @@ class Recipe:
     weight_decay: float = 0.0
     threads: int = 1
     notes: list[str] = field(default_factory=list)
-
-
-def _recipes() -> dict[str, Recipe]:
-    from circuits.models import zoo_synthetic
-
-    recipes = [zoo_synthetic.bigram_recipe(), zoo_synthetic.skip_trigram_recipe(), zoo_synthetic.induction_recipe()]
-    try:
-        from circuits.models import zoo_pycode
-    except ImportError:  # pragma: no cover - while the real-text recipe is being written
-        pass
-    else:
-        recipes.append(zoo_pycode.pycode_recipe())
-    return {r.name: r for r in recipes}
-
-
-def recipe(name: str) -> Recipe:
-    """The recipe of zoo model `name`."""
-    recipes = _recipes()
-    if name not in recipes:
-        raise ValueError(f"name: no recipe for {name!r}; expected one of {sorted(recipes)}")
-    return recipes[name]
+    extras: Callable[[TransformerBridge, Path], dict] | None = None
+    """Run after the checkpoint is saved, with the model and its folder: writes further files there (a tuned
+    lens) and returns more card fields (merged into the card, with "contains" lines appended)."""
 
 
 def n_params(model: TransformerBridge) -> int:
     return sum(p.numel() for p in model.state_dict().values())
 
 
-def regenerate(name: str, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Train zoo model `name` from scratch, measure it, and write its folder under `out_dir`. Returns the card."""
-    r = recipe(name)
+def regenerate(r: Recipe, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Train the zoo model of recipe `r` from scratch, measure it, and write its folder under `out_dir`.
+
+    Returns the card. Example: `regenerate(recipe("attn2l-induction"), "out/zoo")` (`circuits.models.zoo.recipe`)
+    """
+    name = r.name
     torch.set_num_threads(r.threads)
     torch.manual_seed(r.seed)
     data, tokenizer = r.make_data()
@@ -83,7 +70,8 @@ def regenerate(name: str, out_dir: str | Path, *, progress: bool = True) -> dict
     log = train(model, data, steps=r.steps, lr=r.lr, batch_size=r.batch_size, seed=r.seed,
                 weight_decay=r.weight_decay, progress=progress)
     seconds = time.perf_counter() - start
-    measured = r.measure(model)
+    folder = Path(out_dir) / name
+    save(model, folder)
     card = {
         "name": name,
         "summary": r.summary,
@@ -98,12 +86,30 @@ def regenerate(name: str, out_dir: str | Path, *, progress: bool = True) -> dict
         },
         "final_train_loss": round(log.final_loss, 4),
         "final_train_loss_definition": "mean next-token loss (nats) over the last 5% of training steps",
-        **measured,
-        "notes": r.notes,
-        "regenerate": f"python -m circuits.models.zoo --name {name}",
     }
-    folder = Path(out_dir) / name
-    save(model, folder)
+    return write_card(r, model, folder, card)
+
+
+def remeasure(r: Recipe, out_dir: str | Path) -> dict:
+    """Measure the saved checkpoint of recipe `r` again (its weights untouched) and rewrite its card, keeping the
+    training record of the card already there: for a change in what a card measures, without retraining."""
+    from circuits.models.io import load
+
+    folder = Path(out_dir) / r.name
+    old = json.loads((folder / "card.json").read_text())
+    torch.set_num_threads(r.threads)
+    model = load(folder)
+    kept = ("name", "summary", "architecture", "data", "training", "final_train_loss", "final_train_loss_definition")
+    return write_card(r, model, folder, {k: old[k] for k in kept})
+
+
+def write_card(r: Recipe, model: TransformerBridge, folder: Path, card: dict) -> dict:
+    """Measure `model` (the recipe's measure and extras) and write card.json and card.md into `folder`."""
+    card = {**card, **r.measure(model)}
+    if r.extras is not None:
+        more = r.extras(model, folder)
+        card = {**card, **more, "contains": card["contains"] + more.get("contains", [])}
+    card = {**card, "notes": r.notes, "regenerate": f"python -m circuits.models.zoo --name {r.name}"}
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (folder / "card.md").write_text(card_markdown(card))
     return card
@@ -136,8 +142,8 @@ def head_measurements(model: TransformerBridge, tokens: torch.Tensor, half_len: 
     """Previous-token and induction attention scores of every head, and the heads above HEAD_THRESHOLD."""
     from circuits.models.head_scores import heads_above, induction_scores, previous_token_scores
 
-    prev = previous_token_scores(model, tokens)
-    ind = induction_scores(model, tokens, half_len)
+    prev = previous_token_scores(model, tokens).values
+    ind = induction_scores(model, tokens, half_len).values
     prev_heads, ind_heads = heads_above(prev, HEAD_THRESHOLD), heads_above(ind, HEAD_THRESHOLD)
     return {
         "previous_token_heads": [row[:2] for row in prev_heads],

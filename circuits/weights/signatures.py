@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.results import LabelledResult, head_labels, head_name, layer_labels
+from circuits.results import HeadScores, LabelledResult, head_labels, head_name, layer_labels
 from circuits.weights._common import (
     _CENTRED_NORMS,
     check_layer_head,
@@ -37,11 +37,6 @@ from circuits.weights.composition import composition_scores
 
 LABELS: tuple[str, ...] = ("previous_token", "induction", "copying", "none")
 SIGNATURES: tuple[str, ...] = ("previous_token", "previous_token_margin", "copying", "induction")
-
-
-@dataclass(frozen=True, eq=False)
-class HeadScores(LabelledResult):
-    """One score per head, [layer, head]."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,9 +60,7 @@ class HeadClassification(LabelledResult):
 
 
 def _head_result(values: Tensor, method: str, **info) -> HeadScores:
-    L, H = values.shape
-    return HeadScores(values=values, dims=("layer", "head"), labels=(layer_labels(L), head_labels(H)),
-                      method=method, info=info)
+    return HeadScores.of(values, method, **info)
 
 
 def _copying_score(eigenvalues: Tensor) -> float:

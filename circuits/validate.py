@@ -68,10 +68,13 @@ def check_tokens(model, tokens: object, name: str = "tokens", *, min_pos: int = 
 
 def check_task(model, task: object, name: str = "task") -> None:
     """A Task whose tokens and answers fit `model`: integer ids in [0, d_vocab), batch ≥ 1, sequences within n_ctx,
-    at least one metric position."""
+    at least one metric position; clean and corrupted of one shape."""
     if not isinstance(task, Task):
         raise TypeError(f"{name}: expected a circuits.tasks.Task, got {type(task).__name__}")
     d_vocab, _ = _vocab_and_context(model)
+    if task.clean.shape != task.corrupted.shape:
+        raise ValueError(f"{name}: clean {tuple(task.clean.shape)} and corrupted {tuple(task.corrupted.shape)} "
+                         "must have the same shape")
     check_tokens(model, task.clean, f"{name}.clean")
     check_tokens(model, task.corrupted, f"{name}.corrupted")
     if len(task.positions) == 0:

@@ -15,7 +15,7 @@ def hidden_keys(q_pos: Int[Tensor, " nq"], n_keys: int, causal: bool = True) -> 
     bidirectional attention. Example: `hidden_keys(torch.arange(3), 3)` (strictly upper triangular)"""
     keys = torch.arange(n_keys, device=q_pos.device)[None, :]
     if not causal:
-        return keys < 0
+        return torch.zeros(len(q_pos), n_keys, dtype=torch.bool, device=q_pos.device)
     return keys > q_pos[:, None]
 
 

@@ -104,7 +104,9 @@ def _require_tracr() -> None:
 
 def _programs() -> dict[str, tuple[Callable[[], Any], tuple[Any, ...], int]]:
     """name → (RASP program factory, vocab, max_seq_len). `reverse` and `frac_prevs` as in the ACDC paper's
-    tracr experiments; `hist` (how often each token occurs) and `sort_unique` as further categorical ones."""
+    tracr experiments; `hist` (how often each token occurs) and `sort_unique` as further categorical ones;
+    `same_neighbours` (1 where the tokens before and after a position are equal) has two heads in its second
+    layer and none in its first, which tracr pads with two all-zero heads."""
     from tracr.compiler import lib
     from tracr.rasp import rasp
 
@@ -114,10 +116,21 @@ def _programs() -> dict[str, tuple[Callable[[], Any], tuple[Any, ...], int]]:
                        ("a", "b", "x"), 4),
         "hist": (lib.make_hist, ("a", "b", "c"), 4),
         "sort_unique": (lambda: lib.make_sort_unique(rasp.tokens, rasp.tokens), (1, 2, 3, 4), 4),
+        "same_neighbours": (_same_neighbours, ("a", "b"), 4),
     }
 
 
-PROGRAMS = ("reverse", "frac_prevs", "hist", "sort_unique")
+def _same_neighbours() -> Any:
+    from tracr.rasp import rasp
+
+    def neighbour(shift: int) -> Any:
+        at = rasp.Map(lambda i: i + shift, rasp.indices)
+        return rasp.categorical(rasp.Aggregate(rasp.Select(rasp.indices, at, rasp.Comparison.EQ), rasp.tokens))
+
+    return rasp.categorical(rasp.SequenceMap(lambda a, b: int(a == b), neighbour(-1), neighbour(1)))
+
+
+PROGRAMS = ("reverse", "frac_prevs", "hist", "sort_unique", "same_neighbours")
 """The names `compile_program` knows."""
 
 

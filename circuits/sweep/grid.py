@@ -63,7 +63,7 @@ class MethodEntry:
 
     method: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    grid: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    grid: Mapping[str, Any] = field(default_factory=dict)  # values: lists, checked by `points` with a clear error
 
     def points(self) -> list[dict[str, Any]]:
         """Every parameter combination, grid axes in the order given."""

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +29,6 @@ from circuits.sweep.grid import Run, Sweep
 from circuits.sweep.methods import MethodOutput, adapter
 from circuits.sweep.store import Store, run_key
 
-Backend = Literal["inprocess", "ray"]
 WORKER_DIED = "worker_died"
 _NAMED_METRICS = ("kl", "logit_diff", "logprob")
 
@@ -98,7 +97,7 @@ def run_sweep(
     sweep: Sweep,
     results: str | Path,
     *,
-    backend: Backend = "inprocess",
+    backend: str = "inprocess",  # "inprocess" or "ray", checked below with a clear error
     address: str | None = None,
     num_cpus: int | None = None,
     threads_per_run: int | None = None,

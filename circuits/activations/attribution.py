@@ -54,9 +54,9 @@ def attribution_patch(
     site = parse_site(model, site)
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction: expected 'denoising' or 'noising', got {direction!r}")
+    check_tokens(task, model.cfg.n_ctx, model.cfg.d_vocab)
     resolved = resolve(task, metric)
     task, custom = resolved.task, resolved.on_full_logits() if resolved.is_custom else None
-    check_tokens(task, model.cfg.n_ctx, model.cfg.d_vocab)
     L, H, P = model.cfg.n_layers, model.cfg.n_heads, task.seq_len
     pos_list = check_positions(positions, P)
     head_list = check_heads(heads, L, H)

@@ -75,11 +75,11 @@ def activation_patch(
     site = parse_site(model, site)
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction: expected 'denoising' or 'noising', got {direction!r}")
-    resolved = resolve(task, metric)
-    task, custom = resolved.task, resolved.on_full_logits() if resolved.is_custom else None
     if batch_limit is not None and (not isinstance(batch_limit, int) or batch_limit < 1):
         raise ValueError(f"batch_limit: expected a positive integer, got {batch_limit!r}")
     check_tokens(task, model.cfg.n_ctx, model.cfg.d_vocab)
+    resolved = resolve(task, metric)
+    task, custom = resolved.task, resolved.on_full_logits() if resolved.is_custom else None
     L, H, P = model.cfg.n_layers, model.cfg.n_heads, task.seq_len
     pos_list = check_positions(positions, P)
     head_list = check_heads(heads, L, H)

@@ -60,7 +60,7 @@ def check_tokens(model, tokens: object, name: str = "tokens", *, min_pos: int = 
     if batch < 1:
         raise ValueError(f"{name}: the batch is empty (shape {tuple(tokens.shape)}); expected at least one row")
     if n_pos < min_pos:
-        raise ValueError(f"{name}: expected at least {min_pos} positions, got shape {tuple(tokens.shape)}")
+        raise ValueError(f"{name}: expected [batch, pos] with pos ≥ {min_pos}, got shape {tuple(tokens.shape)}")
     if n_pos > n_ctx:
         raise ValueError(f"{name}: {n_pos} positions exceed the model's context n_ctx = {n_ctx}")
     check_ids(tokens, d_vocab, name)

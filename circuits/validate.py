@@ -72,6 +72,15 @@ def check_task(model, task: object, name: str = "task") -> None:
     if not isinstance(task, Task):
         raise TypeError(f"{name}: expected a circuits.tasks.Task, got {type(task).__name__}")
     d_vocab, _ = _vocab_and_context(model)
+    if task.clean.shape != task.corrupted.shape:
+        raise ValueError(f"{name}: clean {tuple(task.clean.shape)} and corrupted {tuple(task.corrupted.shape)} must "
+                         "have the same shape")
+    expected = (task.clean.shape[0], len(task.positions))
+    for field in ("answers", "wrong_answers"):
+        ids = getattr(task, field)
+        if ids is not None and tuple(ids.shape) != expected:
+            raise ValueError(f"{name}.{field}: expected shape {expected} (batch, metric positions), got "
+                             f"{tuple(ids.shape)}")
     check_tokens(model, task.clean, f"{name}.clean")
     check_tokens(model, task.corrupted, f"{name}.corrupted")
     if len(task.positions) == 0:

@@ -60,7 +60,7 @@ def check_tokens(model, tokens: object, name: str = "tokens", *, min_pos: int = 
     if batch < 1:
         raise ValueError(f"{name}: the batch is empty (shape {tuple(tokens.shape)}); expected at least one row")
     if n_pos < min_pos:
-        raise ValueError(f"{name}: expected at least {min_pos} positions, got shape {tuple(tokens.shape)}")
+        raise ValueError(f"{name}: expected [batch, pos] with pos ≥ {min_pos}, got shape {tuple(tokens.shape)}")
     if n_pos > n_ctx:
         raise ValueError(f"{name}: {n_pos} positions exceed the model's context n_ctx = {n_ctx}")
     check_ids(tokens, d_vocab, name)
@@ -73,8 +73,14 @@ def check_task(model, task: object, name: str = "task") -> None:
         raise TypeError(f"{name}: expected a circuits.tasks.Task, got {type(task).__name__}")
     d_vocab, _ = _vocab_and_context(model)
     if task.clean.shape != task.corrupted.shape:
-        raise ValueError(f"{name}: clean {tuple(task.clean.shape)} and corrupted {tuple(task.corrupted.shape)} "
-                         "must have the same shape")
+        raise ValueError(f"{name}: clean {tuple(task.clean.shape)} and corrupted {tuple(task.corrupted.shape)} must "
+                         "have the same shape")
+    expected = (task.clean.shape[0], len(task.positions))
+    for field in ("answers", "wrong_answers"):
+        ids = getattr(task, field)
+        if ids is not None and tuple(ids.shape) != expected:
+            raise ValueError(f"{name}.{field}: expected shape {expected} (batch, metric positions), got "
+                             f"{tuple(ids.shape)}")
     check_tokens(model, task.clean, f"{name}.clean")
     check_tokens(model, task.corrupted, f"{name}.corrupted")
     if len(task.positions) == 0:

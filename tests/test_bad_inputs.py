@@ -161,7 +161,7 @@ OTHER_ARGUMENTS = {
                                                                torch.tensor([3, 12])), ValueError, r"wrong_answers"),
     "dla-answers-float": (lambda m: direct_logit_attribution(m, GOOD_TOKENS, torch.tensor([1.0, 2.0])),
                           TypeError, r"answers"),
-    "logit_lens-one-position": (lambda m: logit_lens(m, GOOD_TOKENS[:, :1]), ValueError, r"tokens.*at least 2"),
+    "logit_lens-one-position": (lambda m: logit_lens(m, GOOD_TOKENS[:, :1]), ValueError, r"tokens.*pos ≥ 2"),
     "activation_patch-positions": (lambda m: activation_patch(m, T, "z", positions=[6], progress=False),
                                    ValueError, r"positions.*\[0, 6\)"),
     "activation_patch-memory": (lambda m: activation_patch(m, T, "z", memory_mb=float("nan"), progress=False),

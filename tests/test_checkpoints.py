@@ -27,24 +27,19 @@ def _word_tokenizer(d_vocab: int, name: str):
     return tok
 
 
-def _neox():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def _hf_bridge(kind: str, name: str):
+    """A small random GPT-NeoX (partial rotary) or LLaMA (RMSNorm, grouped-query attention) bridge."""
+    import transformers
 
+    shape = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=16)
+    if kind == "neox":
+        config, model_class = transformers.GPTNeoXConfig(**shape, rotary_pct=0.5), transformers.GPTNeoXForCausalLM
+    else:
+        config, model_class = transformers.LlamaConfig(**shape, num_key_value_heads=2), transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                          intermediate_size=64, max_position_embeddings=16, rotary_pct=0.5)).eval()
-    return TransformerBridge.boot_transformers("EleutherAI/pythia-14m", hf_model=hf,
-                                               tokenizer=_word_tokenizer(40, "local-neox")).eval()
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16)).eval()
-    return TransformerBridge.boot_transformers("meta-llama/Llama-3.2-1B", hf_model=hf,
-                                               tokenizer=_word_tokenizer(40, "local-llama")).eval()
+    hf = model_class(config).eval()
+    return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=_word_tokenizer(40, f"local-{kind}")).eval()
 
 
 def _native(norm):
@@ -62,8 +57,8 @@ MODELS = {
     "native-no-norm": lambda: _native(None),
     "float64": lambda: attn_only(1, 16, 4, 4, d_vocab=12, n_ctx=8, seed=1).double(),
     "gpt2-bridge": lambda: random_gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=40, n_ctx=16),
-    "neox-bridge": _neox,
-    "llama-bridge": _llama,
+    "neox-bridge": lambda: _hf_bridge("neox", "EleutherAI/pythia-14m"),
+    "llama-bridge": lambda: _hf_bridge("llama", "meta-llama/Llama-3.2-1B"),
 }
 
 

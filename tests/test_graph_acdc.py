@@ -147,7 +147,7 @@ def test_result_contents(tiny2, task24):
 
 
 def test_bad_input(tiny2, task24, capsys):
-    with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+    with pytest.raises(ValueError, match="threshold: expected a number >= 0"):
         acdc(tiny2, task24, metric="kl", threshold=-0.1)
     with pytest.raises((ValueError, TypeError), match="mode"):
         acdc(tiny2, task24, metric="kl", threshold=0.1, mode="fast")

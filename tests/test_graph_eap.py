@@ -167,7 +167,7 @@ def test_eap_result_contents(tiny2, task24):
 
 
 def test_bad_input(tiny2, tiny2_noln, task24, planted, planted_task):
-    with pytest.raises(ValueError, match="ig_steps must be an integer >= 0"):
+    with pytest.raises(ValueError, match="ig_steps: expected an integer >= 0"):
         eap(tiny2, task24, ig_steps=-1)
     with pytest.raises(ValueError, match="metric: expected a callable returning a scalar"):
         eap(tiny2, task24, metric=lambda logits: logits.sum(-1))

@@ -66,6 +66,10 @@ def test_the_final_stages_translator_stays_the_identity(model, fitted):
     assert float((fitted.weight[-1] - torch.eye(d)).abs().max()) < 1e-5
     assert float(fitted.bias[-1].abs().max()) < 1e-5
     assert float((fitted.weight[0] - torch.eye(d)).abs().max()) > 1e-3  # the other stages did move
+    moved = TunedLens(fitted.weight.clone(), fitted.bias.clone(), fitted.info)
+    moved.bias[-1, 0] = 1e-3
+    with pytest.raises(ValueError, match="final stage"):
+        tuned_lens(model, rows(4, 1), moved)
 
 
 def test_training_is_deterministic_under_a_seed(model):

@@ -240,9 +240,11 @@ def lens_extras(model: TransformerBridge, folder) -> dict:
     from circuits.tasks import code_corpus
 
     corpus = code_corpus()
-    lens = fit_tuned_lens(model, code_rows(model, corpus.train_texts(), LENS_ROWS, seed=1), steps=LENS_STEPS,
-                          progress=False)
-    lens.save(folder)
+    lens = _saved_lens(model, folder)
+    if lens is None:
+        lens = fit_tuned_lens(model, code_rows(model, corpus.train_texts(), LENS_ROWS, seed=1), steps=LENS_STEPS,
+                              progress=False)
+        lens.save(folder)
     held = code_rows(model, corpus.heldout_texts(), 64, seed=HELDOUT_SEED)
     logit_res, tuned_res = logit_lens(model, held), tuned_lens(model, held, lens)
     stages = list(logit_res.labels[0])
@@ -273,6 +275,18 @@ def lens_extras(model: TransformerBridge, folder) -> dict:
     }
 
 
+def _saved_lens(model: TransformerBridge, folder):
+    """The lens already in `folder` if it was trained on these weights with these settings (training is
+    deterministic, so fitting again would give the same translators), else None."""
+    from circuits.activations import TunedLens
+
+    try:
+        lens = TunedLens.load(folder, model)
+    except (FileNotFoundError, ValueError):
+        return None
+    return lens if (lens.info.get("steps"), lens.info.get("seed")) == (LENS_STEPS, 0) else None
+
+
 def flagship_verdicts(model: TransformerBridge) -> dict:
     """The heads each lens of the flagship analysis names, with its own defaults (batch 16, threshold 0.01)."""
     from analyses.induction import analyse  # the flagship itself, so that the card says what it says
@@ -294,8 +308,8 @@ def pycode_induction_recipe() -> Recipe:
     return Recipe(
         name="attn2l-pycode-induction",
         summary="2-layer attention-only model of the Python standard library's source (byte-level BPE, 1024 "
-        "tokens) with induction heads: a curriculum of repeated random tokens first, then real code; measured on "
-        "natural held-out modules. Ships a tuned lens.",
+        "tokens), trained after a curriculum of repeated random tokens to give it induction heads, and measured on "
+        "natural held-out modules (whether the heads formed: see what it contains). Ships a tuned lens.",
         spec=INDUCTION_SPEC,
         steps=sum(CURRICULUM.values()),
         lr=2e-3,

@@ -99,8 +99,8 @@ def remeasure(r: Recipe, out_dir: str | Path) -> dict:
     old = json.loads((folder / "card.json").read_text())
     torch.set_num_threads(r.threads)
     model = load(folder)
-    kept = ("name", "summary", "architecture", "data", "training", "final_train_loss", "final_train_loss_definition")
-    return write_card(r, model, folder, {k: old[k] for k in kept})
+    kept = ("architecture", "data", "training", "final_train_loss", "final_train_loss_definition")
+    return write_card(r, model, folder, {"name": r.name, "summary": r.summary, **{k: old[k] for k in kept}})
 
 
 def write_card(r: Recipe, model: TransformerBridge, folder: Path, card: dict) -> dict:

@@ -253,3 +253,34 @@ def test_activation_patching_runs_on_hooks_where_its_weights_backend_stops(task)
     slow = activation_patch(gpt2, task, "z", per_position=False, progress=False, backend="hooks")
     assert fast.info["backend"] == "weights"
     assert (fast.values - slow.values).abs().max() < 1e-8
+
+
+def test_zero_layer_model_activations_side():
+    """A 0-layer model: DLA by component is its direct path and its parts add up to the logit difference
+    (embed + pos_embed + bias = total, exactly); the per-layer methods raise an error naming the model instead
+    of returning empty tensors, and `valid_sites` lists no site."""
+    from circuits.activations import activation_patch, attribution_patch, direct_logit_attribution
+    from circuits.activations.sites import valid_sites
+    from circuits.models import attn_only
+    from circuits.tasks.task import Task
+
+    model = attn_only(0, 16, 4, 4, d_vocab=24, n_ctx=20, seed=0)
+    perturb_norms_and_biases(model)
+    gen = torch.Generator().manual_seed(1)
+    clean, corrupted = (torch.randint(0, 24, (3, 8), generator=gen) for _ in range(2))
+    answers, wrong = torch.randint(0, 24, (2, 3), generator=gen)
+    r = direct_logit_attribution(model, clean, answers, wrong, by="component")
+    assert r.labels == (("embed", "pos_embed"),)
+    with torch.no_grad():
+        logits = model(clean)[:, -1]
+    total = float((logits.gather(-1, answers[:, None]) - logits.gather(-1, wrong[:, None])).mean())
+    assert abs(r.total - total) < 1e-5
+    assert abs(float(r.values.sum()) + r.remainder + r.bias - total) < 1e-4 * max(1.0, abs(total))
+    with pytest.raises(ValueError, match="by: a 0-layer model"):
+        direct_logit_attribution(model, clean, answers, wrong, by="head")
+    assert valid_sites(model) == []
+    task = Task("direct", clean, corrupted, answers=clean[:, 6:7], positions=torch.tensor([5]),
+                wrong_answers=corrupted[:, 6:7])
+    for method in (activation_patch, attribution_patch):
+        with pytest.raises(ValueError, match="0-layer model has no patching sites"):
+            method(model, task, "resid_pre", progress=False)

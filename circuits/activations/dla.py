@@ -53,6 +53,9 @@ def direct_logit_attribution(
         check_ids(wrong_answers, model.cfg.d_vocab, "wrong_answers")
     if by not in ("head", "layer", "component"):
         raise ValueError(f"by: expected 'head', 'layer' or 'component', got {by!r}")
+    if model.cfg.n_layers == 0 and by != "component":
+        raise ValueError(f"by: a 0-layer model has no heads or layers, got by={by!r}; use by='component' "
+                         "(its direct path: embed and pos_embed)")
     batch, n_pos = tokens.shape
     pos = _positions(positions, n_pos)
     answers = _per_position(answers, batch, len(pos), "answers")

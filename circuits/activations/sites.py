@@ -46,13 +46,19 @@ class Site(str, Enum):
 
 
 def valid_sites(model: TransformerBridge) -> list[Site]:
-    """The sites that exist in `model` (resid_mid only where there are MLPs)."""
+    """The sites that exist in `model` (resid_mid only where there are MLPs; none in a 0-layer model, whose
+    embeddings are patched through the graph's tok_embed → logits edge: `circuits.graph.patch_edges`)."""
+    if model.cfg.n_layers == 0:
+        return []
     return [s for s in Site if not (s is Site.RESID_MID and model.cfg.attn_only)]
 
 
 def parse_site(model: TransformerBridge, site: Site | str) -> Site:
     """`site` as a Site, or a ValueError naming the valid ones for this model."""
     valid = valid_sites(model)
+    if not valid:
+        raise ValueError("model: a 0-layer model has no patching sites (every site is per layer); patch its "
+                         "embeddings through the graph instead (acdc, eap, patch_edges on the tok_embed → logits edge)")
     names = ", ".join(s.value for s in valid)
     try:
         parsed = Site(site)

@@ -256,5 +256,5 @@ def test_bad_inputs_raise_clear_errors(ln_mlp_model, data):
         direct_logit_attribution(model, tokens[0], answers[:, 0], wrong[:, 0])
     with pytest.raises((ValueError, TypeCheckError), match="tokens"):
         logit_lens(model, tokens[0])
-    with pytest.raises(ValueError, match=r"tokens: expected at least 2 positions"):
+    with pytest.raises(ValueError, match=r"tokens: expected \[batch, pos\] with pos ≥ 2"):
         logit_lens(model, tokens[:, :1])

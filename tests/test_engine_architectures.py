@@ -47,7 +47,7 @@ BUILDERS = {
     "neox": lambda dt: scaled(random_neox(**SHAPE, d_mlp=32, dtype=dt)),
     "neox-sequential": lambda dt: scaled(random_neox(**SHAPE, d_mlp=32, parallel=False, rotary_pct=1.0, dtype=dt)),
     "llama": lambda dt: random_llama(**SHAPE, n_kv_heads=2, d_mlp=32, dtype=dt),
-    "qwen2": lambda dt: random_qwen2(**SHAPE, n_kv_heads=2, d_mlp=32, dtype=dt),
+    "qwen2": lambda dt: scaled(random_qwen2(**SHAPE, n_kv_heads=2, d_mlp=32, dtype=dt)),
     "mistral": lambda dt: random_mistral(**SHAPE, n_kv_heads=1, d_mlp=32, dtype=dt),
     "native-rms-rotary-gqa-swiglu": lambda dt: native(normalization_type="RMS", positional_embedding_type="rotary",
                                                       n_key_value_heads=2, gated_mlp=True, act_fn="silu").to(dt),
@@ -165,8 +165,8 @@ def test_exact_acdc_equals_the_reference_and_faithfulness_bounds(name, task):
     p = EdgePatcher(model, task)
     empty_kl = float(resolve_metric(task, "kl", p.clean_logits_full).loss(p.run(torch.zeros_like(p.graph.valid)[None])))
     threshold = empty_kl / 50  # random models' effects are small: a threshold on their scale keeps some edges
-    result = acdc(model, task, threshold=threshold, progress=False)
-    mask, _ = reference_acdc(model, task, threshold=threshold)
+    result = acdc(model, task, threshold=threshold, metric="kl", progress=False)  # the threshold is a KL
+    mask, _ = reference_acdc(model, task, threshold=threshold, metric="kl")
     assert torch.equal(result.circuit.members, mask)
     assert 0 < result.circuit.n_edges < ComputeGraph.of(model).n_edges  # something kept, something removed
     g = ComputeGraph.of(model)

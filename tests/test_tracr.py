@@ -228,7 +228,7 @@ def test_program_task(compiled):
         program_task(model, n=10**6)
 
 
-def test_numerical_task_metric_is_l2(compiled):
+def test_numerical_task_metric_is_minus_l2(compiled):
     _, model = compiled["frac_prevs"]
     pt = program_task(model, n=16)
     assert pt.output == "numerical" and set(pt.metrics) == {"l2"}
@@ -236,7 +236,7 @@ def test_numerical_task_metric_is_l2(compiled):
         clean = model(pt.task.clean)[:, pt.task.positions]
         corrupted = model(pt.task.corrupted)[:, pt.task.positions]
     assert float(pt.metric(clean)) == 0.0
-    assert math.isclose(float(pt.metric(corrupted)), float(((corrupted - clean) ** 2).sum(-1).mean()), rel_tol=1e-6)
+    assert math.isclose(float(pt.metric(corrupted)), -float(((corrupted - clean) ** 2).sum(-1).mean()), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("ablation", ["zero", "resample"])

@@ -37,7 +37,7 @@ class LensResult(LabelledResult):
             raise ValueError("result: has no logits to compare with the final stage")
         logits = self.logits[:, :, :-1]  # the positions of `values`: 0..pos-2
         final = logits[-1]
-        kl = kl_terms(logits, final.expand_as(logits), final.softmax(-1)).mean(1)  # [stage, pos]
+        kl = kl_terms(logits, final.expand_as(logits), final.log_softmax(-1)).mean(1)  # [stage, pos]
         return LabelledResult(values=kl, dims=("stage", "pos"), labels=self.labels,
                               method=f"{self.method}_kl_to_final", info={**self.info, "kl": "KL(final ‖ stage), nats"})
 

@@ -179,9 +179,9 @@ def fit_tuned_lens(
         final, resid = resid[-1], resid[:-1]
         with torch.no_grad():
             target = lens_logits(model, final)
-            probs = target.softmax(-1)
+            logprobs = target.log_softmax(-1)
         translated = torch.baddbmm(bias[:, None], resid.flatten(1, 2), weight).reshape(resid.shape)
-        kl = kl_terms(lens_logits(model, translated), target.expand(S, *target.shape), probs)  # [stage, b, pos]
+        kl = kl_terms(lens_logits(model, translated), target.expand(S, *target.shape), logprobs)  # [stage, b, pos]
         loss = kl.mean(dim=(1, 2)).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -8,8 +8,9 @@ never the clean row itself). Every row starts with tracr's BOS token in both; th
 
 - categorical outputs: "kl" (KL from the clean run, the default) or "logprob" (log-probability of the
   program's output, the clean run's argmax, which equals tracr's decoded output);
-- numerical outputs: "l2", the mean over rows and positions of the squared distance between the run's
-  output and the clean run's (a callable loss: 0 on the clean run). The named metrics do not fit one
+- numerical outputs: "l2", minus the mean over rows and positions of the squared distance between the run's
+  output and the clean run's (a callable metric, higher meaning more of the behaviour as the metric contract
+  requires: 0 on the clean run, negative elsewhere). The named metrics do not fit one
   output value (a KL over one logit is always 0), so pass `program_task(...).metric` to every method.
 """
 
@@ -80,11 +81,12 @@ def program_task(model: TransformerBridge, *, n: int | None = None, seed: int = 
 
 
 def l2_metric(clean_at: Float[Tensor, "batch n d_out"]) -> Callable[[Tensor], Tensor]:
-    """The L2 loss of a run's outputs at the metric positions against the clean run's: mean over rows and
-    positions of Σ_out (x − clean)². Example: `l2_metric(clean_at)(clean_at) == 0`"""
+    """Minus the L2 loss of a run's outputs at the metric positions against the clean run's: −mean over rows
+    and positions of Σ_out (x − clean)², so that higher is better (the metric contract, `circuits.tasks.metrics`).
+    Example: `l2_metric(clean_at)(clean_at) == 0`"""
     reference = clean_at.detach()
 
     def l2(logits_at: Float[Tensor, "batch n d_out"]) -> Tensor:
-        return ((logits_at - reference.to(logits_at.device)) ** 2).sum(-1).mean()
+        return -((logits_at - reference.to(logits_at.device)) ** 2).sum(-1).mean()
 
     return l2

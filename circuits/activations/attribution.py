@@ -13,7 +13,7 @@ from transformer_lens import TransformerBridge
 
 from circuits.activations import engine
 from circuits.activations.patching import Backend, Direction
-from circuits.activations.readout import Reader, call_metric
+from circuits.activations.readout import Reader
 from circuits.activations.result import PatchResult, make_result
 from circuits.activations.sites import (
     Site,
@@ -24,7 +24,7 @@ from circuits.activations.sites import (
     token_labels,
 )
 from circuits.tasks import Task
-from circuits.tasks.metrics import MetricSpec, resolve
+from circuits.tasks.metrics import MetricSpec, checked_scalar, resolve
 from circuits.validate import check_finite, check_task
 
 
@@ -153,7 +153,7 @@ def _hook_grads(model, task, site, direction, custom):
     with torch.enable_grad(), model.hooks(fwd_hooks=[(n, save) for n in names]):
         logits = model(base_tokens)
         clean_logits = (src_logits if direction == "denoising" else logits).detach()
-        score = (lambda x: call_metric(custom, x)) if custom is not None else (lambda x: task.score(x, clean_logits))
+        score = (lambda x: checked_scalar(custom(x))) if custom is not None else (lambda x: task.score(x, clean_logits))
         value = score(logits)
         acts = [saved[_canonical(model, n)] if n not in saved else saved[n] for n in names]
         grads = torch.autograd.grad(value, acts, allow_unused=True)

@@ -11,9 +11,8 @@ from torch import Tensor
 
 from circuits.activations import engine
 from circuits.tasks import Metric, Task
+from circuits.tasks.metrics import CustomMetric, checked_scalar
 from circuits.tasks.task import metric_terms
-
-CustomMetric = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +64,7 @@ class Reader:
         logits = engine.unembed(self.w, resid)
         lead = logits.shape[:-3]
         flat = logits.reshape(-1, *logits.shape[-3:])
-        return torch.stack([call_metric(self.custom, x) for x in flat]).reshape(lead)
+        return torch.stack([checked_scalar(self.custom(x)) for x in flat]).reshape(lead)
 
     def _logit_diff(self, resid: Float[Tensor, "... d_model"], direction: Float[Tensor, "... d_model"],
                     offset: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
@@ -96,15 +95,6 @@ class Reader:
         return metric_terms(self.task.metric, logits, answers, None, clean)[..., 0]
 
 
-def call_metric(metric: CustomMetric, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
-    """`metric(logits)`, checked to be a scalar."""
-    out = metric(logits)
-    if not isinstance(out, Tensor) or out.numel() != 1:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"metric: must return a scalar tensor (one number per run), got {shape}")
-    return out.reshape(())
-
-
 def task_metric(task: Task, clean_logits: Tensor | None, custom: CustomMetric | None
                 ) -> Callable[[Tensor], Tensor]:
     """The metric as a function of full logits [*k, batch, pos, vocab] → [*k] (for hook-based runs)."""
@@ -113,6 +103,6 @@ def task_metric(task: Task, clean_logits: Tensor | None, custom: CustomMetric | 
 
     def score(logits: Tensor) -> Tensor:
         flat = logits.reshape(-1, *logits.shape[-3:])
-        return torch.stack([call_metric(custom, x) for x in flat]).reshape(logits.shape[:-3])
+        return torch.stack([checked_scalar(custom(x)) for x in flat]).reshape(logits.shape[:-3])
 
     return score

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import TransformerBridge
 from transformer_lens.config import TransformerBridgeConfig
 
-from circuits.models import ModelSpec, attn_only, build, load, random_gpt2, save
+from circuits.models import ModelSpec, attn_only, build, load, random_gemma, random_gpt2, save
 
 
 def _word_tokenizer(d_vocab: int, name: str):
@@ -59,6 +59,9 @@ MODELS = {
     "gpt2-bridge": lambda: random_gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=40, n_ctx=16),
     "neox-bridge": lambda: _hf_bridge("neox", "EleutherAI/pythia-14m"),
     "llama-bridge": lambda: _hf_bridge("llama", "meta-llama/Llama-3.2-1B"),
+    # tied embeddings scaled by sqrt(24) (a float32-rounded buffer the checkpoint does not hold), one key/value head
+    "gemma-bridge-float64": lambda: random_gemma(n_layers=2, d_model=24, n_heads=3, d_head=16, d_vocab=40, n_ctx=16,
+                                                 dtype=torch.float64),
 }
 
 

@@ -16,7 +16,7 @@ from circuits.engine import Weights, unsupported
 from circuits.graph import Circuit, ComputeGraph, acdc, eap, faithfulness
 from circuits.graph.metric import resolve_metric
 from circuits.graph.patching import EdgePatcher
-from circuits.models import random_gpt2, random_llama, random_mistral, random_neox, random_qwen2
+from circuits.models import random_gemma, random_gpt2, random_llama, random_mistral, random_neox, random_qwen2
 from circuits.tasks import induction_task
 
 SHAPE = dict(n_layers=2, d_model=16, n_heads=4, d_vocab=24, n_ctx=20)
@@ -49,6 +49,8 @@ BUILDERS = {
     "llama": lambda dt: random_llama(**SHAPE, n_kv_heads=2, d_mlp=32, dtype=dt),
     "qwen2": lambda dt: scaled(random_qwen2(**SHAPE, n_kv_heads=2, d_mlp=32, dtype=dt)),
     "mistral": lambda dt: random_mistral(**SHAPE, n_kv_heads=1, d_mlp=32, dtype=dt),
+    # multi-query attention and d_head 8 ≠ d_model / n_heads, as gemma-2b's one key/value head and gemma-7b's heads
+    "gemma": lambda dt: scaled(random_gemma(**SHAPE, n_kv_heads=1, d_head=8, d_mlp=32, dtype=dt)),
     "native-rms-rotary-gqa-swiglu": lambda dt: native(normalization_type="RMS", positional_embedding_type="rotary",
                                                       n_key_value_heads=2, gated_mlp=True, act_fn="silu").to(dt),
     "native-lnpre-bidirectional": lambda dt: native(normalization_type="LNPre", attention_dir="bidirectional").to(dt),
@@ -56,7 +58,7 @@ BUILDERS = {
 }
 # float64 models whose bridge computes a step in float32 whatever the dtype (softmax in Hugging Face's LLaMA-family
 # attention, the RMS and LNPre norms): the engine matches them to float32 rounding, the others to float64's
-FLOAT32_STEPS = {"llama", "qwen2", "mistral", "native-rms-rotary-gqa-swiglu", "native-lnpre-bidirectional"}
+FLOAT32_STEPS = {"llama", "qwen2", "mistral", "gemma", "native-rms-rotary-gqa-swiglu", "native-lnpre-bidirectional"}
 _MODELS: dict = {}
 
 
@@ -197,6 +199,30 @@ def test_unsupported_model_names_the_missing_feature():
     assert unsupported(model) == ["soft-capping"]
     with pytest.raises(ValueError, match="soft-capping"):
         Weights.of(model)
+
+
+def test_gemma2_is_refused_with_each_missing_feature(task):
+    """Gemma 2's soft-capping, sliding window and post-norms are not in the engine: the reason names each; the
+    graph methods raise it; hook-based activation patching still runs."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from circuits.activations import activation_patch
+    from circuits.models.random_hf import boot
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=24, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=20,
+                          sliding_window=4, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = boot(Gemma2ForCausalLM(config), "gemma2", 24)
+    reasons = unsupported(model)
+    assert reasons[0].startswith("architecture 'Gemma2ForCausalLM' (supported: ") and "GemmaForCausalLM" in reasons[0]
+    assert reasons[1:] == ["soft-capping", "sliding-window attention (window 4 < n_ctx 20)",
+                           "norms on the attention and MLP outputs (post-norms)"]
+    for run in (lambda: eap(model, task, progress=False), lambda: acdc(model, task, threshold=0.1, progress=False)):
+        with pytest.raises(ValueError, match="soft-capping; sliding-window attention"):
+            run()
+    r = activation_patch(model, task, "resid_pre", per_position=False, progress=False)
+    assert r.info["backend"] == "hooks" and torch.isfinite(r.values).all()
 
 
 def test_zero_layer_model_is_its_direct_path():

@@ -32,6 +32,7 @@ NEOX = "GPTNeoXForCausalLM"
 LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"
 MISTRAL = "MistralForCausalLM"
+GEMMA = "GemmaForCausalLM"
 
 ARCHITECTURES = {
     NATIVE: "native bridges (boot_native / circuits.models): LN, LNPre, RMS, RMSPre or no norm; learned or rotary "
@@ -41,6 +42,8 @@ ARCHITECTURES = {
     LLAMA: "LLaMA: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU",
     QWEN2: "Qwen2: LLaMA with q/k/v biases",
     MISTRAL: "Mistral: LLaMA with a sliding window no shorter than the context",
+    GEMMA: "Gemma (1): RMSNorm with (1 + w), rotary embeddings, multi-query or grouped-query attention with "
+           "head_dim independent of d_model, GeGLU, embeddings scaled by sqrt(d_model)",
 }
 """The architectures the engine runs (`model.cfg.architecture`), each with what it has."""
 
@@ -206,7 +209,8 @@ def unsupported(model: TransformerBridge) -> list[str]:
     cfg = model.cfg
     arch = getattr(cfg, "architecture", None)
     if arch not in ARCHITECTURES:
-        return [f"architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})"]
+        # the features a refused architecture is known to have, so that the reason says what is missing
+        return [f"architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})", *_unsupported_features(model)]
     problems = []
     norm = _norm_kind(cfg.normalization_type)
     if norm == "?":
@@ -214,8 +218,7 @@ def unsupported(model: TransformerBridge) -> list[str]:
     kind = (getattr(cfg, "positional_embedding_type", None) or "standard").lower()
     if kind not in ("standard", "rotary"):
         problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
-    if float(getattr(cfg, "attn_scores_soft_cap", -1.0)) > 0 or float(getattr(cfg, "output_logits_soft_cap", -1.0)) > 0:
-        problems.append("soft-capping")
+    problems += _unsupported_features(model)
     if cfg.attention_dir not in ("causal", "bidirectional"):
         problems.append(f"attention_dir={cfg.attention_dir!r}")
     if int(getattr(cfg, "n_layers", 0)) == 0:
@@ -232,11 +235,25 @@ def unsupported(model: TransformerBridge) -> list[str]:
         act = getattr(hf, "hidden_act", None) or getattr(hf, "activation_function", None)
         if act not in ACTIVATIONS:
             problems.append(f"MLP activation {act!r}")
-        window = getattr(hf, "sliding_window", None)
-        if window is not None and getattr(hf, "use_sliding_window", True) and window < cfg.n_ctx:
-            problems.append(f"sliding-window attention (window {window} < n_ctx {cfg.n_ctx})")
         if arch == NEOX and float(getattr(hf, "attention_bias", True)) is False:
             problems.append("GPT-NeoX without attention biases")
+    return problems
+
+
+def _unsupported_features(model: TransformerBridge) -> list[str]:
+    """The features of any bridge the engine does not compute: soft-capping, a sliding window shorter than the
+    context, norms on the attention and MLP outputs (Gemma 2's and 3's post-norms)."""
+    cfg = model.cfg
+    problems = []
+    if float(getattr(cfg, "attn_scores_soft_cap", -1.0)) > 0 or float(getattr(cfg, "output_logits_soft_cap", -1.0)) > 0:
+        problems.append("soft-capping")
+    hf = getattr(getattr(model, "original_model", None), "config", None)
+    window = getattr(hf, "sliding_window", None)
+    if isinstance(window, int) and getattr(hf, "use_sliding_window", True) and window < cfg.n_ctx:
+        problems.append(f"sliding-window attention (window {window} < n_ctx {cfg.n_ctx})")
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and len(blocks) and any(hasattr(blocks[0], n) for n in ("ln1_post", "ln2_post")):
+        problems.append("norms on the attention and MLP outputs (post-norms)")
     return problems
 
 
@@ -259,11 +276,26 @@ def final_norm(model: TransformerBridge) -> Norm:
         return Norm(None, None, None, float(cfg.eps))
     sd = model.state_dict()
     weight, bias = sd.get("ln_final.weight"), sd.get("ln_final.bias")
-    weight = None if kind in ("LNPre", "RMSPre") or weight is None else weight.detach().clone()
+    weight = None if kind in ("LNPre", "RMSPre") or weight is None else weight.detach() + _norm_offset(cfg)
     bias = None if kind != "LN" or bias is None else bias.detach().clone()
     if kind == "LN" and bias is None:
         bias = torch.zeros_like(weight)
     return Norm(kind, weight, bias, float(cfg.eps))
+
+
+def _norm_offset(cfg) -> float:
+    """What the model adds to its stored norm weights: 1 where the norm multiplies by (1 + w) (Gemma: the state
+    dict holds w), else 0."""
+    return 1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0
+
+
+def _embed_scale(model: TransformerBridge) -> float:
+    """The factor the model multiplies its token embeddings by (Gemma: sqrt(d_model), as the embedding module
+    holds it, in its dtype's rounding), 1 for the others."""
+    if model.cfg.architecture == NATIVE:
+        return 1.0
+    scale = getattr(model.original_model.get_input_embeddings(), "embed_scale", None)
+    return 1.0 if scale is None else float(torch.as_tensor(scale).to(model.W_E.dtype))
 
 
 def _native_blocks(model: TransformerBridge):
@@ -296,7 +328,7 @@ def _read(model: TransformerBridge) -> Weights:
             return Norm(kind, None, None, float(cfg.eps))
         w = [get(f"blocks.{layer}.{name}.weight") for layer in range(L)]
         b = [get(f"blocks.{layer}.{name}.bias") for layer in range(L)]
-        weight = None if kind in ("LNPre", "RMSPre") or w[0] is None else torch.stack(w)
+        weight = None if kind in ("LNPre", "RMSPre") or w[0] is None else torch.stack(w) + _norm_offset(cfg)
         bias = None if kind != "LN" or b[0] is None else torch.stack(b)
         if kind == "LN" and bias is None:
             bias = torch.zeros_like(weight)
@@ -312,7 +344,7 @@ def _read(model: TransformerBridge) -> Weights:
     return Weights(
         architecture=arch,
         W_E=ref.clone(),
-        embed_scale=1.0,
+        embed_scale=_embed_scale(model),
         W_pos=None if rotary is not None else stacked("W_pos"),
         rotary=rotary,
         W_Q=stacked("W_Q") if L else empty, W_K=stacked("W_K") if L else empty,

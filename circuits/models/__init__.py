@@ -6,7 +6,7 @@ from circuits.models.build import ModelSpec, attn_only, build, has_layernorm, is
 from circuits.models.gpt2 import random_gpt2
 from circuits.models.io import load, save
 from circuits.models.planted import PlantedHeads, planted_induction
-from circuits.models.random_hf import random_llama, random_mistral, random_neox, random_qwen2
+from circuits.models.random_hf import random_gemma, random_llama, random_mistral, random_neox, random_qwen2
 from circuits.models.tokenizer import BPETokenizer
 from circuits.models.tracr import compile_program, from_tracr
 from circuits.models.train import TrainLog, next_token_loss, train
@@ -34,7 +34,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "BPETokenizer", "ModelSpec", "PlantedHeads", "planted_induction", "TrainLog", "attn_only", "build",
     "has_layernorm", "is_attn_only",
-    "load", "next_token_loss", "random_gpt2", "random_llama", "random_mistral", "random_neox", "random_qwen2",
+    "load", "next_token_loss", "random_gemma", "random_gpt2", "random_llama", "random_mistral", "random_neox",
+    "random_qwen2",
     "save", "spec_of", "train", "compile_program", "from_tracr",
     "available", "load_pretrained", "model_card",
 ]

@@ -1,7 +1,7 @@
 """Small Hugging Face architectures with random weights as `TransformerBridge`s, built locally (no download).
 
 One builder per architecture the engine runs (`circuits.engine.ARCHITECTURES`): `random_neox` (GPT-NeoX /
-Pythia), `random_llama`, `random_qwen2`, `random_mistral`; `circuits.models.random_gpt2` is GPT-2. Each
+Pythia), `random_llama`, `random_qwen2`, `random_mistral`, `random_gemma`; `circuits.models.random_gpt2` is GPT-2. Each
 initialises the `transformers` model from a config, perturbs every norm weight and bias away from its
 initial 1 and 0 (so that tests see them), and wraps it with `TransformerBridge.boot_transformers` and a
 word-level tokenizer ("w0" … "w{d_vocab-1}", BOS = "w0") built in memory.
@@ -110,3 +110,26 @@ def random_mistral(*, n_layers: int = 2, d_model: int = 32, n_heads: int = 4, n_
     return _llama_like(MistralConfig, MistralForCausalLM, "mistral", n_layers=n_layers, d_model=d_model,
                        n_heads=n_heads, n_kv_heads=n_kv_heads, d_vocab=d_vocab, n_ctx=n_ctx, d_mlp=d_mlp, dtype=dtype,
                        seed=seed, sliding_window=n_ctx)
+
+
+def random_gemma(*, n_layers: int = 2, d_model: int = 32, n_heads: int = 4, n_kv_heads: int = 1,
+                 d_head: int | None = None, d_vocab: int = 40, n_ctx: int = 24, d_mlp: int = 64,
+                 hidden_act: str = "gelu_pytorch_tanh", tie_embeddings: bool = True,
+                 dtype: torch.dtype = torch.float32, seed: int = 0) -> TransformerBridge:
+    """A Gemma (1) bridge with random weights: RMSNorm with (1 + w), rotary embeddings, multi-query attention
+    (`n_kv_heads` 1, as gemma-2b; more for grouped-query), `d_head` free of d_model / n_heads (as gemma-7b's 256 for
+    3072 / 16; d_model / n_heads when None), a GeGLU MLP (`hidden_act`), embeddings scaled by sqrt(d_model) and
+    tied to the unembedding unless `tie_embeddings=False`. Example: `model = random_gemma(d_head=16)`"""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    if d_head is None:
+        _check(d_model, n_heads)
+        d_head = d_model // n_heads
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads: n_heads = {n_heads} is not a multiple of {n_kv_heads}")
+    torch.manual_seed(seed)
+    cfg = GemmaConfig(vocab_size=d_vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                      num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=d_head,
+                      max_position_embeddings=n_ctx, hidden_act=hidden_act, tie_word_embeddings=tie_embeddings,
+                      pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return boot(GemmaForCausalLM(cfg), "gemma", d_vocab, dtype=dtype, seed=seed)

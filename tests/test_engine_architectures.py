@@ -1,8 +1,8 @@
 """The engine on every supported architecture, small random models in float32 and float64, against the bridge:
 its logits equal the bridge's; removing every edge out of a head (an MLP) equals patching that head's hook_z
 (hook_mlp_out) with the corrupted run's through the bridge's hooks; removing every edge into a head's q (a key/value
-head's k or v) equals patching that q (k, v) with the corrupted run's; EAP equals autograd through the bridge's
-hooks; exact ACDC equals the one-forward-per-edge reference; the full graph's faithfulness is 1, the empty's 0."""
+head's k or v) equals patching that q (k, v) with the corrupted run's; EAP's scores of edges into the logits, an
+MLP, a head's q and a key/value head's k and v equal autograd through the bridge's hooks; exact ACDC equals the one-forward-per-edge reference; the full graph's faithfulness is 1, the empty's 0."""
 
 from __future__ import annotations
 
@@ -134,31 +134,74 @@ def test_logits_and_removals_equal_the_bridges_hooks(name, dtype, task):
         assert float((ours - p.clean_logits).abs().max()) > 50 * error, node  # the agreement is not vacuous
 
 
+def _metric_gradient(model, task, gm, eps, fwd_hooks) -> list[float]:
+    logits = model.run_with_hooks(task.clean, fwd_hooks=fwd_hooks)[:, task.positions]
+    (grad,) = torch.autograd.grad(gm.fn(logits[None])[0], eps)
+    return grad.tolist()
+
+
+def shifted_input_derivatives(model, task, gm, at: str, directions) -> list[float]:
+    """d metric / dε at ε = 0 when the bridge's run adds ε · direction at hook `at`, for each of the n
+    `directions` ([n, batch, pos, d_model]; one run: the shift Σ ε_i · direction_i is linear in ε)."""
+    eps = torch.zeros(len(directions), dtype=directions.dtype, requires_grad=True)
+    return _metric_gradient(model, task, gm, eps, [(at, lambda x, hook: x + torch.tensordot(eps, directions, 1))])
+
+
+def one_head_input_derivatives(model, task, gm, layer: int, which: str, head: int, directions) -> list[float]:
+    """d metric / dε at ε = 0 when only one head's `which` (q; or k or v of a key/value head) reads the residual
+    stream plus ε · direction, for each of the n `directions`: a run of the bridge with the shift added at
+    hook_resid_pre gives that head's hook_{which} as a function of ε (through the bridge's own norm and
+    projection), and a clean run takes it for that head alone; autograd through both."""
+    eps = torch.zeros(len(directions), dtype=directions.dtype, requires_grad=True)
+    name = f"blocks.{layer}.attn.hook_{which}"
+    kept = {}
+
+    def keep(x, hook):
+        kept["head"] = x[:, :, head]
+        return x
+
+    def put(x, hook):
+        x = x.clone()
+        x[:, :, head] = kept["head"]
+        return x
+
+    shift = (f"blocks.{layer}.hook_resid_pre", lambda x, hook: x + torch.tensordot(eps, directions, 1))
+    model.run_with_hooks(task.clean, fwd_hooks=[shift, (name, keep)])
+    return _metric_gradient(model, task, gm, eps, [(name, put)])
+
+
 @pytest.mark.parametrize("name,dtype", CASES, ids=IDS)
 def test_eap_equals_autograd_through_the_bridges_hooks(name, dtype, task):
     """EAP's score of s → d is the derivative at ε = 0 of the metric when the bridge's run adds ε·(ablated − clean
-    output of s) to d's input: the final norm's input for the logits, the MLP's norm input for an MLP."""
+    output of s) to d's input: the final norm's input for the logits, the MLP's norm input for an MLP, and for a
+    head's q (a key/value head's k, v) the residual stream that only this head's q (k, v) reads, through the
+    bridge's norm and projection (`one_head_input_derivatives`). Every source of each destination is checked,
+    to a tolerance relative to the destination's largest score: float32 rounding (1e-4: the scores are sums of
+    about a thousand products that partly cancel), or for float64 models computed wholly in float64 the float32
+    the scores are returned in (1e-6)."""
     model = model_of(name, dtype)
     result = eap(model, task)
     p = EdgePatcher(model, task)
     g = p.graph
     diff = p.ablated - p.clean_sources
     gm = resolve_metric(task, None, p.clean_logits_full)
-    checks = [("logits", "ln_final.hook_in")]
+    kv = g.kv_heads - 1
+    checks = {"logits": lambda ds: shifted_input_derivatives(model, task, gm, "ln_final.hook_in", ds),
+              "L1H3.q": lambda ds: one_head_input_derivatives(model, task, gm, 1, "q", 3, ds)}
+    for qkv in "kv":
+        dst = f"L1G{kv}.{qkv}" if g.group_size > 1 else f"L1H{kv}.{qkv}"
+        checks[dst] = lambda ds, qkv=qkv: one_head_input_derivatives(model, task, gm, 1, qkv, kv, ds)
     if g.has_mlp:
-        checks.append(("MLP1", "blocks.1.ln2.hook_in"))
-    for dst, hook_name in checks:
+        checks["MLP1"] = lambda ds: shifted_input_derivatives(model, task, gm, "blocks.1.ln2.hook_in", ds)
+    rtol = 1e-4 if dtype == torch.float32 or name in FLOAT32_STEPS else 1e-6
+    for dst, derivatives in checks.items():
         d = g.destination_names.index(dst)
-        for s in torch.nonzero(g.valid[:, d]).flatten().tolist()[::3]:
-            eps = torch.zeros((), dtype=dtype, requires_grad=True)
-
-            def hook(x, hook, s=s, eps=eps):
-                return x + eps * diff[s]
-
-            logits = model.run_with_hooks(task.clean, fwd_hooks=[(hook_name, hook)])[:, task.positions]
-            (oracle,) = torch.autograd.grad(gm.fn(logits[None])[0], eps)
-            ours = result.values[s, d]
-            assert abs(float(ours) - float(oracle)) <= 1e-4 * max(1.0, abs(float(oracle))), (dst, g.source_names[s])
+        sources = torch.nonzero(g.valid[:, d]).flatten()
+        oracle = torch.tensor(derivatives(diff[sources]), dtype=torch.float64)
+        ours = result.values[sources, d].double()
+        scale = float(oracle.abs().max())
+        assert scale > 0, dst
+        assert float((ours - oracle).abs().max()) <= rtol * scale, dst
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

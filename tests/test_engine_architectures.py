@@ -2,7 +2,8 @@
 its logits equal the bridge's; removing every edge out of a head (an MLP) equals patching that head's hook_z
 (hook_mlp_out) with the corrupted run's through the bridge's hooks; removing every edge into a head's q (a key/value
 head's k or v) equals patching that q (k, v) with the corrupted run's; EAP's scores of edges into the logits, an
-MLP, a head's q and a key/value head's k and v equal autograd through the bridge's hooks; exact ACDC equals the one-forward-per-edge reference; the full graph's faithfulness is 1, the empty's 0."""
+MLP, a head's q and a key/value head's k and v equal autograd through the bridge's hooks; exact ACDC equals the
+one-forward-per-edge reference; the full graph's faithfulness is 1, the empty's 0."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from transformer_lens import TransformerBridge
 
 from analyses.common import load_model, resolve_device, write_outputs
+from circuits.models.zoo_recipes import HEAD_THRESHOLD
 from circuits.results import LabelledResult
 from circuits.tasks import Task
 from circuits.verdicts import InductionVerdicts, Verdict, induction_task_for, induction_verdicts
@@ -134,7 +135,14 @@ def contest_text(found: InductionVerdicts) -> str:
             for head, row in found.contest(role).items())
         parts.append(f"The lenses disagree on the {label}: {by_head}. Each lens's number for each named head — "
                      f"{numbers}.")
-    return " ".join(parts) or "The three lenses agree on both heads."
+    parts = parts or ["The three lenses agree on both heads."]
+    weak = [f"{label} {getattr(found.patterns, role)} {found.patterns.evidence[role.replace('_head', '_score')]:.3f}"
+            for role, label in ROLES if found.patterns.evidence[role.replace("_head", "_score")] <= HEAD_THRESHOLD]
+    if weak:
+        parts.append(f"The attention-pattern check finds no head above {HEAD_THRESHOLD} (best {', '.join(weak)}): "
+                     "by attention alone this model has no such head at the standard offsets, whatever the lenses "
+                     "name (its zoo card shows where its heads attend instead).")
+    return " ".join(parts)
 
 
 def disagreement_text(found: InductionVerdicts) -> str:

@@ -95,3 +95,19 @@ def _odd_task(model):
     task = induction_task_for(model, batch=2)
     extra = torch.ones(task.batch, 1, dtype=torch.long)
     return replace(task, clean=torch.cat([task.clean, extra], 1), corrupted=torch.cat([task.corrupted, extra], 1))
+
+
+def test_the_library_never_imports_the_analyses():
+    """`circuits` (the zoo's cards included) reads the verdicts from `circuits.verdicts`, never from `analyses`."""
+    import ast
+    from pathlib import Path
+
+    import circuits
+
+    found = []
+    for path in Path(circuits.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n == "analyses" or n.startswith("analyses.")]
+    assert not found, found

@@ -111,3 +111,26 @@ def test_the_library_never_imports_the_analyses():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{path.name}: {n}" for n in names if n == "analyses" or n.startswith("analyses.")]
     assert not found, found
+
+
+def test_the_report_says_where_the_lenses_disagree_with_each_lens_number(found):
+    """The flagship's side-by-side section on two models, one of them with the activations lens made to name
+    another previous-token head: the disagreement is marked and stated with every lens's number for both heads."""
+    from dataclasses import replace
+
+    from analyses.induction import contest_text, side_by_side
+
+    other = "L0H0" if found.verdicts["weights"].previous_token_head != "L0H0" else "L0H1"
+    moved = replace(found, verdicts={**found.verdicts,
+                                     "activations": replace(found.verdicts["activations"], previous_token_head=other)})
+    assert not moved.agreement()["previous_token_head"]["agree"] and moved.agreement()["induction_head"]["agree"]
+    contest = moved.contest("previous_token_head")
+    assert set(contest) == {found.verdicts["weights"].previous_token_head, other}
+    assert contest[other]["activations"] == found.verdicts["activations"].evidence["noising_cost"][other]
+    text = contest_text(moved)
+    assert "disagree on the previous-token head" in text and "induction head:" not in text
+    assert f"{other}: best K-composition z {contest[other]['weights']:.3g}" in text
+    section = side_by_side({"agreeing": found, "moved": moved})
+    marks = [row[-1] for row in section.table[1:]]
+    assert marks == ["✓ agree", "✓ agree", "✗ disagree", "✓ agree"]
+    assert "agreeing: The three lenses agree on both heads." in section.text

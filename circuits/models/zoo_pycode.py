@@ -415,12 +415,15 @@ def pycode_induction_recipe() -> Recipe:
             "usual faults (BOS, offsets, averaged positions, the code snippets' own repeats, now excluded from "
             "the induction score) against loops over the patterns (tests/test_head_scores.py); it was right.",
             "Warm-up-only trials of the first curriculum stage (random tokens from 64 ids, probes every 200 "
-            "steps, not shipped): the same shifted circuit forms by step 750 with this recipe, by step 2000 with "
-            "attn2l-induction's own shape (d_model 64, 4 heads of 16) and with n_ctx 64 too; with 8 heads of 16 "
-            "no sharp layer-0 head had formed by step 1200, and with short repeats (|x| 2..16) nothing was "
-            "learned in 1400 steps. attn2l-induction, which forms standard heads on the same rows, differs in its"
-            " vocabulary (64 tokens, not 1024 with 64 in use) and weight decay (0, not 0.01); a recipe that forms"
-            " offset-1 heads at this vocabulary was not found in this session's budget.",
+            "steps, not shipped): the same shifted circuit forms by step 750 with this recipe, by step 1000 with "
+            "this shape on a vocabulary of 65 tokens, and its offsets (weaker: peaks of 0.1–0.15 by step 2000) "
+            "with attn2l-induction's own shape (d_model 64, 4 heads of 16) at this vocabulary, with n_ctx 128 or "
+            "64; with 8 heads of 16 no sharp layer-0 head had formed by step 1200, and with short repeats (|x| "
+            "2..16) nothing was learned in 1400 steps. So neither the vocabulary, the width nor the context "
+            "length alone makes the lag; attn2l-induction, which forms offset-1 heads on the same rows, also "
+            "differs in weight decay (0, not 0.01) and in its draws of data and initial weights, which were not "
+            "varied. A recipe that forms offset-1 heads at this vocabulary was not found in this session's "
+            "budget.",
         ],
         data={
             "description": f"a curriculum (steps {CURRICULUM}): first 2 x batch rows [BOS, r, x, x] of {WARM_LEN} "

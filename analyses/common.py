@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.models import load
 from circuits.models.zoo import available, load_pretrained
+from circuits.verdicts.induction import correlation as pearson  # noqa: F401 (the analyses' one correlation)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -31,14 +31,6 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu") -> Transfo
     else:
         raise ValueError(f"--model {name_or_path!r}: neither a zoo name ({', '.join(available())}) nor a model folder")
     return model.to(device)
-
-
-def pearson(a: Tensor, b: Tensor) -> float:
-    """Pearson correlation of two same-shaped tensors over their finite entries."""
-    a, b = a.detach().flatten().double(), b.detach().flatten().double()
-    keep = a.isfinite() & b.isfinite()
-    a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
 def write_outputs(out: Path, summary: dict, sections: list, *, title: str, subtitle: str) -> Path:

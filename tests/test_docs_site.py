@@ -22,7 +22,8 @@ from browser import inject_probe, needs_chromium, read_probe, screenshot
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "out" / "docs-test"
 API_PAGES = {"circuits.models": "models", "circuits.tasks": "tasks", "circuits.weights": "weights",
-             "circuits.activations": "activations", "circuits.graph": "graph", "viz": "viz"}
+             "circuits.activations": "activations", "circuits.graph": "graph", "circuits.verdicts": "verdicts",
+             "viz": "viz"}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,12 @@ same `HeadScores` result [layer, head] as the weight-only scores of `circuits.we
 `induction_scores` there read the weights alone; `method` tells the two apart):
 - previous-token score of a head: mean attention from position i to position i−1, over every i ≥ 1;
 - induction score of a head: on [BOS, x_1..x_T, x_1..x_T], the mean attention from the second-half
-  position of x_k (position T+k) to the token after x_k's earlier copy (position k+1), for k = 1..T−1.
+  position of x_k (position T+k) to the token after x_k's earlier copy (position k+1), for k = 1..T−1 whose
+  token x_k occurs once in x (on distinct random tokens, every k; on real code a repeated x_k has more than one
+  earlier copy, and the mean skips it);
+- attention by offset: the mean attention from the second-copy queries T+1..2T to the key at each offset q − key,
+  which shows a head's shape whatever it is (an induction head peaks at offset T−1, a previous-token head at 1,
+  an induction circuit built on a head that looks d tokens back instead of one peaks at T−1−d).
 """
 
 from __future__ import annotations
@@ -43,20 +48,56 @@ def previous_token_scores(model: TransformerBridge, tokens: Int[Tensor, "batch p
     return HeadScores.of(values, "attention_previous_token_scores", measured_on=tuple(tokens.shape))
 
 
-def induction_scores(model: TransformerBridge, tokens: Int[Tensor, "batch pos"], half_len: int) -> HeadScores:
-    """Mean attention from position T+k to k+1 (k = 1..T−1) on [BOS, x, x] rows with |x| = T = `half_len`.
-
-    Example: `induction_scores(model, repeated_random_tokens(64, 20, 64), 20).values[1]`
-    """
+def _check_repeated(tokens: Tensor, half_len: int) -> None:
     if tokens.shape[1] != 2 * half_len + 1:
         raise ValueError(
             f"tokens: expected [BOS, x, x] rows of length 2·half_len + 1 = {2 * half_len + 1}, got {tokens.shape[1]}"
         )
+    if not torch.equal(tokens[:, 1 : half_len + 1], tokens[:, half_len + 1 :]):
+        raise ValueError("tokens: expected [BOS, x, x] rows whose second half repeats the first")
+
+
+def unique_in_first_copy(tokens: Int[Tensor, "batch pos"], half_len: int) -> Tensor:
+    """[batch, T] bool: whether x_k (k = 1..T) occurs exactly once in the row's first copy x."""
+    x = tokens[:, 1 : half_len + 1]
+    return (x[:, :, None] == x[:, None, :]).sum(-1) == 1
+
+
+def induction_scores(model: TransformerBridge, tokens: Int[Tensor, "batch pos"], half_len: int) -> HeadScores:
+    """Mean attention from position T+k to k+1 on [BOS, x, x] rows with |x| = T = `half_len`, over k = 1..T−1
+    whose token x_k occurs once in x (all k on distinct tokens; a repeated x_k has several earlier copies).
+
+    Example: `induction_scores(model, repeated_random_tokens(64, 20, 64), 20).values[1]`
+    """
+    _check_repeated(tokens, half_len)
+    keep = unique_in_first_copy(tokens, half_len)[:, : half_len - 1].float()  # [batch, k = 1..T−1]
+    if not keep.any():
+        raise ValueError("tokens: no x_k with a single earlier copy to score (every token of x repeats within x)")
     patterns = attention_patterns(model, tokens)
     # query T+k reads key k+1: the diagonal at offset −(T−1), first T−1 entries after the first half
     stripe = patterns.diagonal(offset=-(half_len - 1), dim1=-2, dim2=-1)  # entry j: query T−1+j → key j
-    values = stripe[..., 2 : half_len + 1].mean(dim=(1, 3))  # queries T+1 .. 2T−1 → keys 2 .. T
-    return HeadScores.of(values, "attention_induction_scores", measured_on=tuple(tokens.shape), half_len=half_len)
+    stripe = stripe[..., 2 : half_len + 1]  # [layer, batch, head, k]: queries T+1 .. 2T−1 → keys 2 .. T
+    values = (stripe * keep[None, :, None]).sum(dim=(1, 3)) / keep.sum()
+    return HeadScores.of(values, "attention_induction_scores", measured_on=tuple(tokens.shape), half_len=half_len,
+                         scored_positions=int(keep.sum()))
+
+
+def attention_by_offset(
+    model: TransformerBridge, tokens: Int[Tensor, "batch pos"], half_len: int
+) -> Float[Tensor, "layer head offset"]:
+    """Mean attention from the second-copy queries T+1..2T of [BOS, x, x] rows to the key at each offset
+    q − key (0 .. 2T): entry [l, h, d] is head (l, h)'s mean attention to the key d tokens back.
+
+    Example: `attention_by_offset(model, tokens, 20)[1, 0, 19]` is L1H0's induction score with k = 1..T counted
+    """
+    _check_repeated(tokens, half_len)
+    patterns = attention_patterns(model, tokens)
+    pos = tokens.shape[1]
+    queries = torch.arange(half_len + 1, pos)
+    offsets = queries[:, None] - torch.arange(pos)[None, :]  # [query, key]
+    rows = patterns[:, :, :, queries]  # [layer, batch, head, query, key]
+    one_hot = torch.nn.functional.one_hot(offsets.clamp_min(0), pos).float() * (offsets >= 0)[..., None]
+    return torch.einsum("lbhqk,qkd->lhd", rows, one_hot) / (rows.shape[1] * len(queries))
 
 
 def heads_above(scores: HeadScores | Float[Tensor, "layer head"], threshold: float) -> list[list]:

@@ -123,6 +123,13 @@ def card_contents(card: dict) -> str:
         parts.append(f"second-copy top-1 accuracy {m['second_copy_accuracy']:.4f}")
     if card["architecture"]["n_layers"] >= 2 and not card.get("induction_heads") and "head_score_threshold" in card:
         parts.append(f"no induction head scores above {card['head_score_threshold']}")
+    shifted = m.get("attention_shapes", {}).get("repeated_random_tokens", {}).get("heads", {})
+    if not card.get("induction_heads") and shifted:
+        name, h = max(((n, h) for n, h in shifted.items() if n.startswith("L1")),
+                      key=lambda item: item[1]["best_two_lags_score"])
+        low, high = h["best_two_lags"]
+        parts.append(f"shifted induction instead: {name} attends from T+k to k+1+d, d = {low}–{high} "
+                     f"({h['best_two_lags_score']:.3f} of its attention on repeated random tokens)")
     if "in_context_drop" in m:
         parts.append(f"in-context loss drop {m['in_context_drop']:.4f} nats on repeated held-out code")
     return "; ".join(parts) or "-"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformer_lens import TransformerBridge
 
 from circuits.models.build import ModelSpec
-from circuits.models.zoo_recipes import HELDOUT_SEED, Recipe, head_measurements
+from circuits.models.zoo_recipes import HEAD_THRESHOLD, HELDOUT_SEED, Recipe, head_measurements
 
 VOCAB = 1024
 N_CTX = 128
@@ -88,6 +88,8 @@ def measure_pycode(model: TransformerBridge) -> dict:
     random_rep = repeated_random_tokens(128, 30, VOCAB, bos=bos, generator=gen)
     heads_random = head_measurements(model, random_rep, 30)
     heads_code = head_measurements(model, repeated, half)
+    shapes = {"repeated_random_tokens": head_shapes(model, random_rep, 30),
+              "repeated_code": head_shapes(model, repeated, half)}
     with torch.no_grad():
         rr = _losses(model, random_rep)
     rand_first, rand_second = float(rr[:, 1:30].mean()), float(rr[:, 31:60].mean())
@@ -98,8 +100,24 @@ def measure_pycode(model: TransformerBridge) -> dict:
         f"in-context learning on repeated held-out code (|s| = {half} tokens): loss {first:.4f} on the first copy, "
         f"{second:.4f} on the second (drop {first - second:.4f} nats)",
         f"on repeated random tokens (|x| = 30): loss {rand_first:.3f} first copy, {rand_second:.3f} second copy",
-        f"previous-token heads (score > 0.4, on repeated code): {_fmt(heads_code['previous_token_head_scores'])}",
-        f"induction heads (score > 0.4, on repeated code): {_fmt(heads_code['induction_head_scores'])}",
+        f"previous-token heads (attention i → i−1 > {HEAD_THRESHOLD}, Olsson et al.'s test, on repeated random "
+        f"tokens |x| = 30): {_fmt(heads_random['previous_token_head_scores'])} (best "
+        f"{_best(heads_random, 'previous_token')}); "
+        f"on repeated held-out code |s| = {half}: {_fmt(heads_code['previous_token_head_scores'])} (best "
+        f"{_best(heads_code, 'previous_token')})",
+        f"induction heads (attention T+k → k+1 > {HEAD_THRESHOLD}, Olsson et al.'s test, on repeated random tokens): "
+        f"{_fmt(heads_random['induction_head_scores'])} (best {_best(heads_random, 'induction')}); on repeated "
+        f"held-out code (k with a single earlier copy of x_k): {_fmt(heads_code['induction_head_scores'])} (best "
+        f"{_best(heads_code, 'induction')})",
+        "attention by offset q − key from the second copy's queries (an induction head peaks at T−1, a "
+        "previous-token head at 1), the two largest per head, on repeated random tokens (T = 30): "
+        + _fmt_peaks(shapes["repeated_random_tokens"]) + f"; on repeated code (T = {half}): "
+        + _fmt_peaks(shapes["repeated_code"]),
+        "shifted induction (attention T+k → k+1+d, the best lag d per layer-1 head, and with its better neighbour "
+        "lag), on repeated random tokens: " + _fmt_shifted(shapes["repeated_random_tokens"]) + "; on repeated code: "
+        + _fmt_shifted(shapes["repeated_code"]),
+        "what 'has induction heads' means here: a layer-1 head with Olsson et al.'s induction score above "
+        f"{HEAD_THRESHOLD} on repeated random tokens. " + _verdict_line(heads_random, shapes["repeated_random_tokens"]),
     ]
     return {
         "heldout_loss": round(loss_plain, 4),
@@ -116,10 +134,72 @@ def measure_pycode(model: TransformerBridge) -> dict:
             "repeated_random_first_copy_loss": round(rand_first, 4),
             "repeated_random_second_copy_loss": round(rand_second, 4),
             "head_scores_on_repeated_random_tokens": heads_random["head_scores"],
+            "head_scores_on_repeated_code": heads_code["head_scores"],
+            "attention_shapes": shapes,
         },
-        **heads_code,
+        **heads_random,
         "contains": contains,
     }
+
+
+def head_shapes(model: TransformerBridge, tokens: torch.Tensor, half_len: int) -> dict:
+    """Per head, on [BOS, x, x] rows with |x| = `half_len`: the mean attention by offset q − key from the second
+    copy's queries (`circuits.models.head_scores.attention_by_offset`), its two largest offsets, and the shifted
+    induction score of each lag d (attention T+k → k+1+d, i.e. offset T−1−d) with the best lag."""
+    from circuits.models.head_scores import attention_by_offset
+
+    by_offset = attention_by_offset(model, tokens, half_len)  # [layer, head, offset]
+    lags = by_offset[..., : half_len].flip(-1)  # entry d: offset T−1−d, d = 0..T−1
+    heads = {}
+    for layer in range(by_offset.shape[0]):
+        for head in range(by_offset.shape[1]):
+            top = by_offset[layer, head].topk(2)
+            lag = lags[layer, head]
+            best = int(lag.argmax())
+            pair = max((best - 1, best), (best, best + 1), key=lambda p: float(lag[max(p[0], 0):p[1] + 1].sum()))
+            pair = (max(pair[0], 0), min(pair[1], half_len - 1))
+            heads[f"L{layer}H{head}"] = {
+                "top_offsets": [[int(i), round(float(v), 4)] for v, i in zip(top.values, top.indices)],
+                "best_lag": best, "best_lag_score": round(float(lag[best]), 4),
+                "best_two_lags": list(pair), "best_two_lags_score": round(float(lag[pair[0]:pair[1] + 1].sum()), 4),
+            }
+    return {"half_len": half_len, "heads": heads,
+            "by_offset": [[[round(float(v), 4) for v in row] for row in layer] for layer in by_offset],
+            "definition": "by_offset[l][h][o]: mean attention of head (l, h) from queries T+1..2T to the key o "
+            "tokens back; shifted induction score at lag d: by_offset at o = T−1−d (d = 0 is Olsson et al.'s "
+            "induction score with k = 1..T)"}
+
+
+def _best(heads: dict, kind: str) -> str:
+    """The best-scoring head: over every head for the previous-token score, over layer 1 (the heads that can
+    compose with a previous-token head) for the induction score."""
+    scores = torch.tensor(heads["head_scores"][kind])
+    first = 1 if kind == "induction" else 0
+    layer, head = divmod(int(scores[first:].argmax()), scores.shape[1])
+    return f"L{layer + first}H{head} {float(scores[first:].max()):.3f}"
+
+
+def _fmt_peaks(shapes: dict) -> str:
+    return ", ".join(f"{name} " + " and ".join(f"{o} ({v:.2f})" for o, v in h["top_offsets"])
+                     for name, h in shapes["heads"].items())
+
+
+def _fmt_shifted(shapes: dict) -> str:
+    return ", ".join(f"{name} d = {h['best_lag']}: {h['best_lag_score']:.3f} (d = {h['best_two_lags'][0]}–"
+                     f"{h['best_two_lags'][1]}: {h['best_two_lags_score']:.3f})"
+                     for name, h in shapes["heads"].items() if name.startswith("L1"))
+
+
+def _verdict_line(heads: dict, shapes: dict) -> str:
+    if heads["induction_heads"]:
+        return f"By it the model has induction heads: {_fmt(heads['induction_head_scores'])}."
+    score, name, h = max((h["best_lag_score"], name, h) for name, h in shapes["heads"].items()
+                         if name.startswith("L1"))
+    low, high = h["best_two_lags"]
+    return (f"By it this model has none (best {_best(heads, 'induction')}). Its in-context copying runs through a "
+            f"shifted circuit instead: the layer-1 heads attend from T+k to k+1+d with d = {low}–{high} (best "
+            f"{name}: {score:.3f} at d = {h['best_lag']}, {h['best_two_lags_score']:.3f} over d = {low}–{high}), "
+            "reading layer-0 heads that look about d tokens back instead of one (the offsets above).")
 
 
 def _losses(model: TransformerBridge, tokens: torch.Tensor) -> torch.Tensor:
@@ -235,7 +315,7 @@ def code_rows(model: TransformerBridge, texts: list[str], n: int, seed: int) -> 
 
 def lens_extras(model: TransformerBridge, folder) -> dict:
     """Fit the tuned lens on training code and save it beside the model; compare it with the logit lens on
-    held-out code; and run the flagship's three lenses (`analyses.induction`) on the model."""
+    held-out code; and name the induction circuit's heads by the flagship's three lenses (`circuits.verdicts`)."""
     from circuits.activations import fit_tuned_lens, logit_lens, tuned_lens
     from circuits.tasks import code_corpus
 
@@ -258,7 +338,7 @@ def lens_extras(model: TransformerBridge, folder) -> dict:
     contains = [
         f"tuned lens (tuned_lens.safetensors, {LENS_STEPS} SGD steps on training code): mean KL(final ‖ stage) on "
         f"64 held-out windows, logit lens → tuned lens: {kl_line} nats",
-        "the flagship's lenses (python -m analyses.induction): " + verdicts["text"],
+        "the flagship's lenses (circuits.verdicts, as python -m analyses.induction runs them): " + verdicts["text"],
     ]
     return {
         "tuned_lens": {
@@ -288,20 +368,23 @@ def _saved_lens(model: TransformerBridge, folder):
 
 
 def flagship_verdicts(model: TransformerBridge) -> dict:
-    """The heads each lens of the flagship analysis names, with its own defaults (batch 16, threshold 0.01)."""
-    from analyses.induction import analyse  # the flagship itself, so that the card says what it says
+    """The heads each lens names (`circuits.verdicts.induction_verdicts`, with the flagship's defaults: batch 16,
+    ACDC threshold 0.01 of the gap, seed 0), whether they agree, and each lens's number for each named head."""
+    from circuits.verdicts import induction_task_for, induction_verdicts
 
-    summary, _ = analyse(model.zoo_name if hasattr(model, "zoo_name") else "model", model, batch=16,
-                         threshold=0.01, seed=0)
-    named = {lens: [v["previous_token_head"], v["induction_head"]] for lens, v in summary["lenses"].items()}
-    agree = {role: summary["agreement"][role]["agree"] for role in ("previous_token_head", "induction_head")}
+    found = induction_verdicts(model, induction_task_for(model, batch=16, seed=0))
+    summary = found.as_dict()
+    if found.verdicts is None:
+        return {"named": None, "agree": None, "task": summary["task"], "behaviour": summary["behaviour"],
+                "text": "no induction behaviour on the flagship's task, so no head is named"}
+    named = {lens: [v.previous_token_head, v.induction_head] for lens, v in found.verdicts.items()}
+    agree = {role: a["agree"] for role, a in summary["agreement"].items()}
     text = "; ".join(f"{lens} {p} → {i}" for lens, (p, i) in named.items())
     text += (f" (previous-token head: {'agree' if agree['previous_token_head'] else 'disagree'}, induction head: "
              f"{'agree' if agree['induction_head'] else 'disagree'}); attention patterns: "
-             f"{summary['attention_pattern_check']['previous_token_head']} → "
-             f"{summary['attention_pattern_check']['induction_head']}")
-    return {"named": named, "agree": agree, "attention_pattern_check": summary["attention_pattern_check"],
-            "task": summary["task"], "text": text}
+             f"{found.patterns.previous_token_head} → {found.patterns.induction_head}")
+    return {"named": named, "agree": agree, "contest": summary["contest"],
+            "attention_pattern_check": summary["attention_pattern_check"], "task": summary["task"], "text": text}
 
 
 def pycode_induction_recipe() -> Recipe:
@@ -319,6 +402,29 @@ def pycode_induction_recipe() -> Recipe:
         extras=lens_extras,
         threads=1,
         weight_decay=0.01,
+        notes=[
+            "Why no head passes Olsson et al.'s test although the model copies in context: the attention by "
+            "offset (what it contains, above) shows that the layer-1 heads do attend into the earlier copy, "
+            "sharply, but to the keys 8 and 9 after x_k's earlier occurrence rather than 1 after (the peak sits "
+            "at offset T−8 and T−9 for T = 20, 24, 30 and 48), and that the two layer-0 heads they compose with "
+            "by K-composition (L0H1, z = 43 to L1H1) look about 8 tokens back rather than 1 (their peaks are at "
+            "offsets 8 and 7 on rows with T = 20; on longer rows the peak moves further back, see the offsets "
+            "above). The circuit is an induction circuit shifted by a lag d = 7–8: on [BOS, x, x] it still "
+            "predicts x_{k+1} (loss 7.49 → 0.49 on random tokens), but the standard previous-token and induction "
+            "scores, which test offsets 1 and T−1 only, read about 0. The head-score code was checked for the "
+            "usual faults (BOS, offsets, averaged positions, the code snippets' own repeats, now excluded from "
+            "the induction score) against loops over the patterns (tests/test_head_scores.py); it was right.",
+            "Warm-up-only trials of the first curriculum stage (random tokens from 64 ids, probes every 200 "
+            "steps, not shipped): the same shifted circuit forms by step 750 with this recipe, by step 1000 with "
+            "this shape on a vocabulary of 65 tokens, and its offsets (weaker: peaks of 0.1–0.15 by step 2000) "
+            "with attn2l-induction's own shape (d_model 64, 4 heads of 16) at this vocabulary, with n_ctx 128 or "
+            "64; with 8 heads of 16 no sharp layer-0 head had formed by step 1200, and with short repeats (|x| "
+            "2..16) nothing was learned in 1400 steps. So neither the vocabulary, the width nor the context "
+            "length alone makes the lag; attn2l-induction, which forms offset-1 heads on the same rows, also "
+            "differs in weight decay (0, not 0.01) and in its draws of data and initial weights, which were not "
+            "varied. A recipe that forms offset-1 heads at this vocabulary was not found in this session's "
+            "budget.",
+        ],
         data={
             "description": f"a curriculum (steps {CURRICULUM}): first 2 x batch rows [BOS, r, x, x] of {WARM_LEN} "
             f"tokens per step, x distinct random tokens (|x| in {WARM_HALF_LENS[0]}..{WARM_HALF_LENS[1]}), r random "

@@ -54,7 +54,9 @@ def eap(
     """EAP scores of every edge (`ig_steps=0`), or EAP-IG with `ig_steps` interpolation steps.
 
     Cost (EAP): one forward and backward on the clean input and one forward on the corrupted input
-    (resample ablation), with no per-edge work but a (sources × destinations) contraction.
+    (resample ablation), with no per-edge work but a (sources × destinations) contraction; EAP-IG: one batched
+    forward and backward per step (the clean run is the step α = 1) and the corrupted forward. How it grows
+    with layers, edges, batch and vocabulary: docs/performance.md.
     `metric`: the one contract (`circuits.tasks.metrics`), the task's by default. EAP-IG shows a progress bar
     over its steps unless `progress=False`.
     Example: `eap(model, task, ig_steps=8).top_n(16).to_networkx()`

@@ -69,6 +69,10 @@ class Norm:
         c = x - x.mean(-1, keepdim=True) if self.centred else x
         return c if self.weight is None else c * self.weight
 
+    def gain(self) -> Tensor | None:
+        """The norm's multiplicative weight ([d_model]; None where it has none): y = gain · x̂ + offset."""
+        return self.weight
+
     def offset(self) -> Tensor | float:
         """The norm's additive bias (0 where it has none)."""
         return 0.0 if self.bias is None else self.bias
@@ -80,7 +84,7 @@ class Norm:
         LayerNorm's only. Example: `w.ln1.at(0).backward(resid, grad_at_ln_out)`"""
         if self.kind is None:
             return grad_out
-        xhat, sigma = self._standardise(x)
+        xhat, sigma = self.standardise(x)
         g = grad_out if self.weight is None else grad_out * self.weight
         gc = g - g.mean(-1, keepdim=True) if self.centred else g
         return (gc - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma
@@ -92,16 +96,16 @@ class Norm:
         Example: `w.ln1.at(1).jvp(resid, diff[:6])` ([k, 6, batch, pos, d_model])"""
         if self.kind is None:
             return t[None].expand(x.shape[0], *t.shape)
-        xhat, sigma = self._standardise(x)
+        xhat, sigma = self.standardise(x)
         xhat = xhat[:, None]
         tc = t - t.mean(-1, keepdim=True) if self.centred else t
         out = tc - xhat * (t * xhat).mean(-1, keepdim=True)
         return out * ((1 if self.weight is None else self.weight) / sigma[:, None])
 
-    def _standardise(self, x: Float[Tensor, "*lead d_model"]
-                     ) -> tuple[Float[Tensor, "*lead d_model"], Float[Tensor, "*lead 1"]]:
-        """x̂ = (x − [μ])/σ and σ (the biased variance, as the norms use; written out because `Tensor.var` is
-        several times slower on CPU)."""
+    def standardise(self, x: Float[Tensor, "*lead d_model"]
+                    ) -> tuple[Float[Tensor, "*lead d_model"], Float[Tensor, "*lead 1"]]:
+        """x̂ = (x − [μ])/σ and σ, so that the norm is gain · x̂ + offset (the biased variance, as the norms use;
+        written out because `Tensor.var` is several times slower on CPU). Not for the identity (kind None)."""
         c = x - x.mean(-1, keepdim=True) if self.centred else x
         sigma = ((c * c).mean(-1, keepdim=True) + self.eps).sqrt()
         return c / sigma, sigma

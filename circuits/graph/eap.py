@@ -54,7 +54,9 @@ def eap(
     """EAP scores of every edge (`ig_steps=0`), or EAP-IG with `ig_steps` interpolation steps.
 
     Cost (EAP): one forward and backward on the clean input and one forward on the corrupted input
-    (resample ablation), with no per-edge work but a (sources × destinations) contraction.
+    (resample ablation), with no per-edge work but a (sources × destinations) contraction; EAP-IG: one batched
+    forward and backward per step (the clean run is the step α = 1) and the corrupted forward. How it grows
+    with layers, edges, batch and vocabulary: docs/performance.md.
     `metric`: the one contract (`circuits.tasks.metrics`), the task's by default. EAP-IG shows a progress bar
     over its steps unless `progress=False`.
     Example: `eap(model, task, ig_steps=8).top_n(16).to_networkx()`
@@ -67,17 +69,14 @@ def eap(
     if task.seq_len > w.n_ctx:
         raise ValueError(f"task: sequences of {task.seq_len} tokens exceed the model's n_ctx {w.n_ctx}")
     positions = task.positions.to(w.device)
-    clean_emb = embed(w, task.clean)[None]
+    clean_emb = embed(w, task.clean)
     if ig_steps == 0:
-        run, grads = factored_gradients(w, g, clean_emb, positions, task, metric)
+        run, grads = factored_gradients(w, g, clean_emb[None], positions, task, metric)
         gm = run.metric
         scores = edge_scores(g, w, _ablation_difference(w, task, ablation, run.shared, positions), grads)
     else:
-        with torch.no_grad():
-            clean_run = shared_forward(w, clean_emb, positions, metric_queries_only=True)
-        diff = _ablation_difference(w, task, ablation, clean_run, positions)
-        scores, gm = integrated_gradient_scores(w, g, clean_emb[0], clean_emb[0] + diff[:g.n_embed], diff, positions,
-                                                task, metric, ig_steps, clean_run.logits[0], progress=progress)
+        scores, gm = integrated_gradient_scores(w, g, clean_emb, _ablated_embeddings(w, task, ablation, clean_emb),
+                                                positions, task, metric, ig_steps, ablation, progress=progress)
     scores = scores.detach().float().cpu()
     check_finite(scores[g.valid], f"metric {gm.name!r}", "edge scores (its value or gradient is not finite)")
     scores = scores.masked_fill(~g.valid, float("nan"))
@@ -97,8 +96,17 @@ def _ablation_difference(w: Weights, task: Task, ablation: Ablation, clean: Shar
         with torch.no_grad():
             return clean.source_difference(
                 shared_forward(w, embed(w, task.corrupted)[None], positions, metric_queries_only=True))
-    sources = clean.sources[0]
+    sources = torch.cat([b[0] for b in clean.blocks])
     return mean_or_zero_values(ablation, sources) - sources
+
+
+def _ablated_embeddings(w: Weights, task: Task, ablation: Ablation, clean: Float[Tensor, "n_embed batch pos d_model"]
+                        ) -> Float[Tensor, "n_embed batch pos d_model"]:
+    """The embedding sources of the ablated run (EAP-IG's path starts there): the corrupted tokens' for resample
+    ablation, the clean ones' batch mean or zero otherwise."""
+    if ablation is Ablation.RESAMPLE:
+        return embed(w, task.corrupted)
+    return mean_or_zero_values(ablation, clean).expand_as(clean)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,16 +124,17 @@ def _full_logits(logits_at: Tensor, task: Task) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class DestinationGrads:
-    """∂metric/∂(each destination's input) of unpatched runs, kept where contracting them with source
-    differences is cheapest. Head inputs: the gradient at the norm's output `at_ln[l]` ([k, head inputs,
-    batch, pos, d_model]: q, k, v of each head, pulled back through W_Q, W_K, W_V) with the residual stream
-    that LayerNorm read (`resid_in[l]`, [k, batch, pos, d_model]); MLP inputs and the logits: at the input,
-    summed over the k runs (`mlp_in[l]`, `final`: [batch, pos, d_model]).
+    """∂metric/∂(each destination's input) of k unpatched runs, as the backward leaves them. Head inputs: the
+    gradient at each head's q, k and v (`qkv[l]`, [k, head inputs, batch, pos, d_head]: q of each head, then k
+    and v of each key/value head, before any rotary embedding), with those values (`qkv_values[l]`, same
+    shape) and the residual stream that ln1 read (`resid_in[l]`, [k, batch, pos, d_model]); MLP inputs and the
+    logits: at the input, summed over the k runs (`mlp_in[l]`, `final`: [batch, pos, d_model]).
 
-    An edge's score needs diff_s · J_lnᵀ g_d, which equals (J_ln diff_s) · g_d: `edge_scores` applies the
-    LayerNorm's Jacobian to the few sources below a layer instead of to its 3 · head destinations."""
+    The gradient at a head input (the residual stream) is J_lnᵀ W g; `dense` forms it per run and destination
+    (a reference for tests), `edge_scores` summed over the runs at the cost of about one projection."""
 
-    at_ln: tuple[Tensor, ...]
+    qkv: tuple[Tensor, ...]
+    qkv_values: tuple[Tensor, ...]
     resid_in: tuple[Tensor, ...]
     mlp_in: tuple[Tensor, ...]
     final: Tensor
@@ -134,11 +143,17 @@ class DestinationGrads:
         """Every destination's gradient at its input (the residual stream), summed over the k runs."""
         out = []
         for layer in range(graph.n_layers):
-            out.append(w.ln1.at(layer).backward(self.resid_in[layer][:, None], self.at_ln[layer]).sum(0))
+            at_ln = torch.einsum("khbpe,hde->khbpd", self.qkv[layer], _qkv_matrices(w, layer))
+            out.append(w.ln1.at(layer).backward(self.resid_in[layer][:, None], at_ln).sum(0))
             if graph.has_mlp:
                 out.append(self.mlp_in[layer][None])
         out.append(self.final[None])
         return torch.cat(out)
+
+
+def _qkv_matrices(w: Weights, layer: int) -> Float[Tensor, "head_inputs d_model d_head"]:
+    """W_Q of each head, then W_K and W_V of each key/value head: the order of the graph's head inputs."""
+    return torch.cat([w.W_Q[layer], w.W_K[layer], w.W_V[layer]])
 
 
 def factored_gradients(
@@ -151,8 +166,8 @@ def factored_gradients(
     clean_logits_at: Tensor | None = None,
 ) -> tuple[_GradRun, DestinationGrads]:
     """The gradients of every destination of the unpatched runs from embedding sources `emb` (one per row k):
-    one forward and one backward; each head's q, k and v gradient is carried back through its projection by
-    hand, so the forward keeps one residual stream per layer instead of one input per head.
+    one forward and one backward, the forward keeping one residual stream per layer instead of one input per
+    head. The metric's reference (KL's clean logits) is `clean_logits_at`, or the first row's logits.
     Example: `run, grads = factored_gradients(w, graph, embed(w, task.clean)[None], task.positions, task, None)`"""
     with torch.enable_grad():
         emb = emb.detach().clone().requires_grad_(True)
@@ -162,16 +177,11 @@ def factored_gradients(
         targets = [t for qkv in run.qkv for t in qkv] + list(run.mlp_in) + [run.final]
         grads = torch.autograd.grad(gm.fn(run.logits).sum(), targets, allow_unused=True)
     grads = [torch.zeros_like(t) if gr is None else gr.detach() for gr, t in zip(grads, targets)]
-    at_ln = []
-    for layer in range(graph.n_layers):
-        g = torch.cat(grads[3 * layer: 3 * layer + 3], 1)  # [k, q heads + k and v heads, batch, pos, d_head]
-        W = torch.cat([w.W_Q[layer], w.W_K[layer], w.W_V[layer]])  # [q heads + k and v heads, d_model, d_head]
-        K, n_in, B, P, E = g.shape
-        at = g.reshape(K, n_in, B * P, E) @ W.transpose(-1, -2)
-        at_ln.append(at.view(K, n_in, B, P, -1))
     n = 3 * graph.n_layers
+    qkv = tuple(torch.cat(grads[3 * layer: 3 * layer + 3], 1) for layer in range(graph.n_layers))
+    values = tuple(torch.cat(run.qkv[layer], 1).detach() for layer in range(graph.n_layers))
     return _GradRun(run, gm), DestinationGrads(
-        at_ln=tuple(at_ln), resid_in=tuple(r.detach() for r in run.resid_in),
+        qkv=qkv, qkv_values=values, resid_in=tuple(r.detach() for r in run.resid_in),
         mlp_in=tuple(gr.sum(0) for gr in grads[n: n + len(run.mlp_in)]), final=grads[-1].sum(0),
     )
 
@@ -181,25 +191,30 @@ def integrated_gradient_scores(
     graph: ComputeGraph,
     clean: Float[Tensor, "n_embed batch pos d_model"],
     ablated: Float[Tensor, "n_embed batch pos d_model"],
-    diff: Float[Tensor, "n_src batch pos d_model"],
     positions: Tensor,
     task: Task,
     metric: MetricSpec,
     steps: int,
-    clean_logits_at: Tensor,
+    ablation: Ablation,
     *,
     progress: bool = False,
 ) -> tuple[Float[Tensor, "n_src n_dst"], GraphMetric]:
-    """Edge scores with the destination gradients averaged over `steps` points α = 1/m … 1 from the ablated
-    to the clean embeddings, in batched forwards (each against the clean run's metric reference).
-    Example: `scores, metric = integrated_gradient_scores(w, g, clean, ablated, diff, pos, task, None, 8, ref)`"""
-    alphas = torch.arange(1, steps + 1, device=clean.device, dtype=clean.dtype) / steps
+    """Edge scores with the destination gradients averaged over `steps` points α = 1/m … 1 from the `ablated`
+    to the `clean` embeddings, in batched forwards, each against the clean run's metric reference. The first
+    batch starts at α = 1, the clean run itself: its logits are the reference and its sources the clean side
+    of the differences, so no separate clean forward is run.
+    Example: `scores, metric = integrated_gradient_scores(w, g, clean, ablated, pos, task, None, 8, ablation)`"""
+    alphas = torch.arange(steps, 0, -1, device=clean.device, dtype=clean.dtype) / steps
     per_step = clean.numel() * (4 + 3 * graph.n_layers)
-    total, gm = None, None
+    total, gm, reference, diff = None, None, None, None
     with tqdm(total=steps, desc="EAP-IG steps", disable=not progress, leave=False) as bar:
         for a in alphas.split(max(1, MAX_CHUNK_FLOATS // per_step)):
-            emb = ablated[None] + a[:, None, None, None, None] * (clean - ablated)[None]
-            run, grads = factored_gradients(w, graph, emb, positions, task, metric, clean_logits_at)
+            # clean − (1 − α)(clean − ablated): exactly the clean embeddings at α = 1
+            emb = clean[None] - (1 - a)[:, None, None, None, None] * (clean - ablated)[None]
+            run, grads = factored_gradients(w, graph, emb, positions, task, metric, reference)
+            if diff is None:
+                reference = run.shared.logits[0].detach()
+                diff = _ablation_difference(w, task, ablation, run.shared, positions)
             gm = run.metric
             part = edge_scores(graph, w, diff, grads)
             total = part if total is None else total + part
@@ -210,19 +225,75 @@ def integrated_gradient_scores(
 def edge_scores(
     graph: ComputeGraph, w: Weights, diff: Float[Tensor, "n_src batch pos d_model"], grads: DestinationGrads
 ) -> Float[Tensor, "n_src n_dst"]:
-    """Σ_{k, batch, pos, d_model} diff_s · grad_d for every edge (zero where there is none): per attention
-    layer, the source differences below it go through each run's LayerNorm Jacobian and meet the gradients at
-    the LayerNorm's output in one matrix product; MLP inputs and the logits take the gradient at their input.
+    """Σ_{k, batch, pos, d_model} diff_s · grad_d for every edge (zero where there is none), grad_d the gradient
+    at destination d's input summed over the k runs (what `DestinationGrads.dense` computes one run and one
+    destination at a time): per attention layer from `_head_input_gradients`, in one matrix product with the
+    differences of the sources below it; MLP inputs and the logits take the summed gradient at their input.
     Example: `edge_scores(graph, w, ablated - clean, grads)` ([n_src, n_dst])"""
     scores = torch.zeros(graph.n_sources, graph.n_destinations, dtype=diff.dtype, device=diff.device)
     for stage in _stages(graph):
         n = stage.n_below
         if stage.kind is NodeKind.HEAD_INPUT:
-            pushed = w.ln1.at(stage.layer).jvp(grads.resid_in[stage.layer], diff[:n])  # [k, n, batch, pos, d]
-            at_ln = grads.at_ln[stage.layer]  # [k, 3 · head, batch, pos, d]
-            scores[:n, stage.dst] = pushed.transpose(0, 1).reshape(n, -1) @ at_ln.transpose(0, 1).reshape(
-                at_ln.shape[1], -1).T
+            g = _head_input_gradients(w, stage.layer, grads)
         else:
-            g = grads.final if stage.kind is NodeKind.LOGITS else grads.mlp_in[stage.layer]
-            scores[:n, stage.dst] = diff[:n].flatten(1) @ g.reshape(-1, 1)
+            g = (grads.final if stage.kind is NodeKind.LOGITS else grads.mlp_in[stage.layer])[None]
+        scores[:n, stage.dst] = diff[:n].flatten(1) @ g.flatten(1).T
     return scores
+
+
+def _head_input_gradients(w: Weights, layer: int, grads: DestinationGrads
+                          ) -> Float[Tensor, "head_inputs batch pos d_model"]:
+    """Σ_k J_lnᵀ W_d g_d of every head input d of one layer: the gradient at the residual stream that ln1 read,
+    with g_d the gradient at d's q, k or v and J_ln the norm's Jacobian at run k.
+
+    At each position, with x̂ and σ of run k and γ the norm's gain,
+        J_lnᵀ W_d g = W̃_d (g/σ) − x̂ (h · g/σ) / d_model,
+    where W̃_d = γ ⊙ W_d with each column centred over d_model (LayerNorm only) and h = x̂ γ W_d is the
+    q, k or v the run computed minus its bias and the norm's offset times W_d. The first term is linear in
+    Σ_k g/σ and goes through one projection to d_model for all runs; the second is a product of per-position
+    scalars with x̂, of rank k. Neither forms a [run, head input, batch, pos, d_model] tensor."""
+    norm = w.ln1.at(layer)
+    g = grads.qkv[layer]  # [k, head inputs, batch, pos, d_head]
+    K, n_in, B, P, E = g.shape
+    if norm.kind is not None:
+        xhat, sigma = norm.standardise(grads.resid_in[layer])  # [k, batch, pos, d_model], [k, batch, pos, 1]
+        g = g / sigma[:, None]
+    summed = g.sum(0).reshape(n_in, B * P, E)
+    out = summed.new_empty(n_in, B * P, w.d_model)
+    hg = []
+    for (W, b), rows in zip((w.qkv_weights(i) for i in range(3)), _head_input_blocks(w)):
+        W_tilde, b_tilde = _gained(norm, W[layer], b[layer])
+        torch.matmul(summed[rows], W_tilde.transpose(-1, -2), out=out[rows])  # Σ_k W̃_d g/σ
+        if norm.kind is not None:
+            hg.append(((grads.qkv_values[layer][:, rows] - b_tilde[:, None, None, :]) * g[:, rows]).sum(-1))
+    if norm.kind is not None:
+        hg = torch.cat(hg, 1)  # h · g/σ, [k, head inputs, batch, pos]
+        if K == 1:
+            out.view(n_in, B, P, -1).addcmul_(hg[0, ..., None], xhat, value=-1.0 / xhat.shape[-1])
+        else:
+            rank_k = torch.bmm(hg.permute(2, 3, 1, 0).reshape(B * P, n_in, K),
+                               xhat.permute(1, 2, 0, 3).reshape(B * P, K, -1))
+            out.sub_(rank_k.transpose(0, 1), alpha=1.0 / xhat.shape[-1])
+    return out.view(n_in, B, P, -1)
+
+
+def _head_input_blocks(w: Weights) -> tuple[slice, slice, slice]:
+    """Where the q, k and v inputs sit among a layer's head inputs (the graph's order)."""
+    H, Hkv = w.n_heads, w.n_kv_heads
+    return slice(0, H), slice(H, H + Hkv), slice(H + Hkv, H + 2 * Hkv)
+
+
+def _gained(norm, W: Float[Tensor, "h d_model d_head"], b: Float[Tensor, "h d_head"]
+            ) -> tuple[Float[Tensor, "h d_model d_head"], Float[Tensor, "h d_head"]]:
+    """W̃ = γ ⊙ W, each column centred over d_model for a LayerNorm (the norm's Jacobian without its 1/σ and x̂
+    terms, folded into the projection), and the bias of the projection of x̂ γ: b + offset · W."""
+    if norm.kind is None:
+        return W, b
+    gain = norm.gain()
+    gain = torch.ones_like(W[0, :, 0]) if gain is None else gain
+    offset = norm.offset()
+    b_tilde = b if not isinstance(offset, Tensor) else b + torch.einsum("d,hde->he", offset, W)
+    if not norm.centred:
+        return gain[:, None] * W, b_tilde
+    mean = torch.einsum("d,hde->he", gain / W.shape[-2], W)
+    return torch.addcmul(-mean[:, None, :], gain[:, None], W), b_tilde

@@ -82,6 +82,48 @@ class Evaluated:
     logits: Float[Tensor, "k batch n vocab"]
     propagation: _Propagation
 
+    def select(self, i: int) -> Evaluated:
+        """Candidate i alone, with its own copy of what it recomputed: what a commit needs, so that the other
+        candidates' memory is freed once this evaluation is dropped. Example: `keep = evaluated.select(3)`"""
+        prop = self.propagation
+        kept = _Propagation(prop.p, prop.state, self.d, self.columns[i:i + 1].clone())
+        kept.outputs = {s: (_row(value, i), restricted) for s, (value, restricted) in prop.outputs.items()}
+        kept.new_inputs = {dst: _row(value, i) for dst, value in prop.new_inputs.items()}
+        kept.new_projected = {dst: _row(value, i) for dst, value in prop.new_projected.items()}
+        return Evaluated(self.d, kept.columns, self.logits[i:i + 1].clone(), kept)
+
+
+def _row(value: Tensor, i: int) -> Tensor:
+    """Row i of a per-candidate tensor (one shared by every candidate has a leading axis of 1), copied."""
+    return (value[i:i + 1] if value.shape[0] > 1 else value).clone()
+
+
+def reached(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"], d: int) -> tuple[int, int]:
+    """How many destinations and sources a candidate column of d recomputes: d, its node, and what that node
+    reaches along the kept edges of `mask` (the circuit's own: a removed edge carries the ablated value).
+    Example: `n_dst, n_src = reached(p, state.mask, d)`"""
+    g, feeds = patcher.graph, patcher.feeds
+    mask = mask.to(feeds.device)
+    dst = torch.zeros(g.n_destinations, dtype=torch.bool, device=feeds.device)
+    src = torch.zeros(g.n_sources, dtype=torch.bool, device=feeds.device)
+    dst[d] = True
+    for stage in patcher.stages[patcher.stage_of(d):]:
+        fed = (mask[:, stage.dst] & src[:, None]).any(0)
+        dst[stage.dst] |= fed
+        src |= (dst[stage.dst, None] & feeds[stage.dst]).any(0)
+    return int(dst.sum()), int(src.sum())
+
+
+def candidate_floats(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"], d: int) -> int:
+    """An upper bound on the floats one candidate column of d holds while it is evaluated: a new input for each
+    destination it reaches, a new output and its change (two when read at every position and at the metric
+    positions) for each source, and its logits at the metric positions."""
+    n_dst, n_src = reached(patcher, mask, d)
+    stream = patcher.clean_sources[0].numel()
+    w = patcher.weights
+    hidden = stream * w.W_in.shape[-1] // w.d_model if w.W_in is not None else 0  # an MLP's, while it runs
+    return stream * (n_dst + 3 * n_src) + hidden + patcher.clean_logits.numel()
+
 
 def evaluate_columns(
     patcher: EdgePatcher, state: CircuitState, d: int, columns: Bool[Tensor, "k n_src"]

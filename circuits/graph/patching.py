@@ -18,6 +18,7 @@ exact ACDC is in `circuits.graph.incremental`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -259,6 +260,15 @@ class EdgePatcher:
         chunk = self.chunk_size()
         with torch.no_grad():
             return torch.cat([self.forward(emb, m).logits for m in masks.split(chunk)])
+
+    @functools.cached_property
+    def feeds(self) -> Bool[Tensor, "n_dst n_src"]:
+        """feeds[d, s]: destination d's input feeds source s (its head or MLP; `graph.sources_of_destination`)."""
+        g = self.graph
+        out = torch.zeros(g.n_destinations, g.n_sources, dtype=torch.bool)
+        for d in range(g.n_destinations):
+            out[d, g.sources_of_destination(d)] = True
+        return out.to(self.device)
 
     def chunk_size(self) -> int:
         """How many masks one batched forward takes."""

@@ -15,7 +15,10 @@ The walk makes the same decisions with far less work:
   the last destination of the same kind went, else remove; later rounds: remove iff its removal along the
   last round's guessed path stayed under threshold) and checked in order: every candidate up to the
   first wrong guess tested exactly the circuit the plain algorithm tests, so its decision is the plain
-  algorithm's; the batch resumes after it.
+  algorithm's; the batch resumes after it. The candidates are evaluated a chunk at a time (sized by the
+  nodes they reach, or `chunk_size`) and decided after each chunk, so memory is bounded by one chunk,
+  not by the number of candidates, and no chunk past a wrong guess is evaluated;
+- a run can be checkpointed after each destination and resumed (`checkpoint=`, `circuits.graph.acdc_checkpoint`);
 - an edge whose source equals its ablated value wherever the destination reads it (for resample ablation
   the positional embedding, and at the metric positions any token the clean and corrupted inputs share)
   changes no input: with a threshold > 0 it is removed with a score of exactly 0 and no forward.
@@ -56,6 +59,7 @@ from circuits.graph.incremental import (
     circuit_state,
     commit_evaluated,
     evaluate_columns,
+    logits_read,
     seed_terms,
 )
 from circuits.graph.metric import GraphMetric, resolve_metric
@@ -124,7 +128,9 @@ def acdc(
     patcher = EdgePatcher(model, task, ablation)
     gm = resolve_metric(task, metric, patcher.clean_logits_full)
     _check_baselines(patcher, gm)
-    walk = _Walk(patcher, gm, float(threshold), order, chunk_size)
+    # a metric that reads few vocabulary columns (the logit difference) has only those computed by the walk
+    patcher.logit_columns = None if gm.columns is None else gm.columns.to(patcher.device)
+    walk = _Walk(patcher, gm.restricted(), float(threshold), order, chunk_size)
     destinations = walk.destination_order()
     description = saved = None
     if checkpoint is not None:
@@ -258,7 +264,7 @@ class _Walk:
         ends there (later chunks are not evaluated). Guesses: in the first round, the decision made for the
         same source at the last destination of the same kind (a layer's q, k or v inputs), else remove (ACDC
         circuits are sparse); then, for the candidates the last round evaluated, the decision implied by each
-        edge's marginal loss rise along that round's guessed path (the others keep their guess). A chunk's
+        edge's marginal loss rise along that round's guessed path (the others: as the last decision went). A chunk's
         recomputed nodes are dropped once its losses are read, except the last removal's (`Evaluated.select`):
         the circuit after the last removal was itself a candidate, and the new state is taken from its
         evaluation, with no further forward.
@@ -307,7 +313,10 @@ class _Walk:
                     break
             if consumed is None:
                 consumed = len(remaining)
-            guesses = [m < self.threshold for m in marginal[consumed:]] + guesses[len(marginal):]
+            # the candidates no chunk reached are guessed to go as the last decision went (a run of kept edges
+            # in a dense circuit, of removed ones in a sparse circuit)
+            guesses = [m < self.threshold for m in marginal[consumed:]] + [decided[remaining[consumed - 1]]] * (
+                len(remaining) - len(marginal))
             remaining = remaining[consumed:]
         if last_removal is not None:
             if not torch.equal(last_removal.columns[0].cpu(), column.cpu()):
@@ -349,8 +358,8 @@ def clean_state(patcher: EdgePatcher) -> CircuitState:
     """The state of the full circuit: the patcher's clean run (copied, since ACDC updates its state in place)."""
     sources, inputs = patcher.clean_sources.clone(), patcher.clean_inputs()
     pos = patcher.positions
-    return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs, patcher.clean_logits,
-                        sources[..., pos, :], inputs[..., pos, :])
+    return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs,
+                        logits_read(patcher, patcher.clean_logits), sources[..., pos, :], inputs[..., pos, :])
 
 
 def prune_dead_ends(mask: Bool[Tensor, "n_src n_dst"], graph: ComputeGraph) -> Bool[Tensor, "n_src n_dst"]:

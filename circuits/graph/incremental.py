@@ -37,7 +37,7 @@ class CircuitState:
     mask: Bool[Tensor, "n_src n_dst"]
     sources: Float[Tensor, "n_src batch pos d_model"]
     inputs: Float[Tensor, "n_dst batch pos d_model"]
-    logits: Float[Tensor, "batch n vocab"]
+    logits: Float[Tensor, "batch n vocab"]  # only `patcher.logit_columns` where set
     sources_at: Float[Tensor, "n_src batch n d_model"]
     inputs_at: Float[Tensor, "n_dst batch n d_model"]
     projected: dict[int, Tensor] = field(default_factory=dict)
@@ -61,7 +61,21 @@ def circuit_state(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> Ci
         run = patcher.forward(patcher.embed(patcher.task.clean), mask[None], keep=True)
     sources, inputs = run.sources[0], run.inputs[0]
     pos = patcher.positions
-    return CircuitState(mask.clone(), sources, inputs, run.logits[0], sources[..., pos, :], inputs[..., pos, :])
+    return CircuitState(mask.clone(), sources, inputs, logits_read(patcher, run.logits[0]), sources[..., pos, :],
+                        inputs[..., pos, :])
+
+
+def unembed_columns(patcher: EdgePatcher, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead c"]:
+    """The logits the evaluations read: every column, or only `patcher.logit_columns` where set."""
+    w, columns = patcher.weights, patcher.logit_columns
+    if columns is None:
+        return unembed(w, resid)
+    return w.ln_final(resid) @ w.W_U[:, columns] + w.b_U[columns]
+
+
+def logits_read(patcher: EdgePatcher, logits: Float[Tensor, "*lead vocab"]) -> Float[Tensor, "*lead c"]:
+    """Full logits restricted to the columns the evaluations read (`patcher.logit_columns`)."""
+    return logits if patcher.logit_columns is None else logits[..., patcher.logit_columns]
 
 
 def evaluate_column(
@@ -248,7 +262,7 @@ class _Propagation:
                 x = self.input_of(i, stage.dst.start)
                 if x is None:
                     return self.state.logits.expand(self.columns.shape[0], *self.state.logits.shape)
-                return unembed(w, x)
+                return unembed_columns(self.p, x)
             if stage.kind is NodeKind.MLP:
                 x = self.input_of(i, stage.dst.start)
                 if x is not None:

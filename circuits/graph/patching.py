@@ -98,6 +98,9 @@ class EdgePatcher:
         self._at_metric = [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)]
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor] = {}
+        self.logit_columns: Int[Tensor, " c"] | None = None
+        """Where set, the incremental evaluations (`circuits.graph.incremental`) compute only these vocabulary
+        columns of the logits (a metric that reads few, `GraphMetric.columns`); `run` always computes all."""
         n_pos = task.seq_len
         causal, dtype = self.weights.causal, self.weights.dtype
         self._query_positions = {False: torch.arange(n_pos, device=self.device), True: self.positions}

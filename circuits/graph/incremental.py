@@ -136,7 +136,10 @@ def candidate_floats(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"], d:
     stream = patcher.clean_sources[0].numel()
     w = patcher.weights
     hidden = stream * w.W_in.shape[-1] // w.d_model if w.W_in is not None else 0  # an MLP's, while it runs
-    return stream * (n_dst + 3 * n_src) + hidden + patcher.clean_logits.numel()
+    logits = patcher.clean_logits.numel()
+    if patcher.logit_columns is not None:  # only these columns are computed
+        logits = logits // patcher.clean_logits.shape[-1] * patcher.logit_columns.numel()
+    return stream * (n_dst + 3 * n_src) + hidden + logits
 
 
 def evaluate_columns(

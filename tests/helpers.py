@@ -18,18 +18,20 @@ def perturb_norms_and_biases(model, seed: int = 0) -> None:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
 
 
-def reference_acdc(model, task, *, threshold, metric=None, ablation="resample", order="latest_first"):
+def reference_acdc(model, task, *, threshold, metric=None, ablation="resample", order="latest_first",
+                   start=None, destinations=None):
     """The plain ACDC algorithm: for each destination from the logits back, for each incoming edge in turn,
     one full forward of the patched model (from the embeddings, every edge mask applied); remove the edge
     when the loss rises by less than `threshold`. A destination whose head/MLP no longer has an outgoing
-    edge is dropped without a forward. Returns (mask, n_forwards)."""
+    edge is dropped without a forward. Returns (mask, n_forwards). `start` (a mask, default every edge) and
+    `destinations` (default all, visited from the last) run it on part of a walk (the benchmarks' samples)."""
     p = EdgePatcher(model, task, ablation)
     loss = resolve_metric(task, metric, p.clean_logits_full).loss
     g = p.graph
-    mask = g.valid.clone()
+    mask = (g.valid if start is None else start).clone()
     current = float(loss(p.run(mask[None]))[0])
     n_forwards = 1
-    for d in reversed(range(g.n_destinations)):
+    for d in reversed(range(g.n_destinations)) if destinations is None else destinations:
         nodes = g.sources_of_destination(d)
         if nodes and not mask[nodes].any():
             mask[:, d] = False

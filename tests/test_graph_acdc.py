@@ -238,3 +238,29 @@ def test_top_never_ranks_nan_first(planted, planted_task):
     assert r.values.isnan().sum() == r.values.numel() - 1
     top = r.top(3)
     assert top == [(("L1", "H1"), float(r.values[1, 1]))]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_chunk_size_bounds_each_call_and_changes_no_decision(tiny2, task24, chunk_size, monkeypatch):
+    """Candidates go through calls of at most `chunk_size` columns; the circuit and scores are those of the
+    default chunking (and of the plain algorithm)."""
+    acdc_module = importlib.import_module("circuits.graph.acdc")
+    sizes = []
+
+    def spy(patcher, state, d, columns):
+        sizes.append(columns.shape[0])
+        return evaluate_columns(patcher, state, d, columns)
+
+    evaluate_columns = acdc_module.evaluate_columns
+    monkeypatch.setattr(acdc_module, "evaluate_columns", spy)
+    chunked = acdc(tiny2, task24, metric="kl", threshold=1e-3, chunk_size=chunk_size, progress=False)
+    monkeypatch.undo()
+    assert sizes and max(sizes) <= chunk_size
+    default = acdc(tiny2, task24, metric="kl", threshold=1e-3, progress=False)
+    assert torch.equal(chunked.circuit.members, default.circuit.members)
+    assert torch.equal(chunked.circuit.members, reference_acdc(tiny2, task24, metric="kl", threshold=1e-3)[0])
+    tested = ~default.values.isnan()
+    assert torch.equal(~chunked.values.isnan(), tested)
+    torch.testing.assert_close(chunked.values[tested], default.values[tested], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        acdc(tiny2, task24, metric="kl", threshold=1e-3, chunk_size=0, progress=False)

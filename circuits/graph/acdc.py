@@ -15,7 +15,10 @@ The walk makes the same decisions with far less work:
   the last destination of the same kind went, else remove; later rounds: remove iff its removal along the
   last round's guessed path stayed under threshold) and checked in order: every candidate up to the
   first wrong guess tested exactly the circuit the plain algorithm tests, so its decision is the plain
-  algorithm's; the batch resumes after it.
+  algorithm's; the batch resumes after it. The candidates are evaluated a chunk at a time (sized by the
+  nodes they reach, or `chunk_size`) and decided after each chunk, so memory is bounded by one chunk,
+  not by the number of candidates, and no chunk past a wrong guess is evaluated;
+- a run can be checkpointed after each destination and resumed (`checkpoint=`, `circuits.graph.acdc_checkpoint`);
 - an edge whose source equals its ablated value wherever the destination reads it (for resample ablation
   the positional embedding, and at the metric positions any token the clean and corrupted inputs share)
   changes no input: with a threshold > 0 it is removed with a score of exactly 0 and no forward.
@@ -29,6 +32,7 @@ logit_diff/logprob/a custom metric).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,12 +42,24 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
+from circuits.graph.acdc_checkpoint import (
+    decode_mask,
+    decode_values,
+    encode_mask,
+    encode_values,
+    read_checkpoint,
+    run_description,
+    write_checkpoint,
+)
 from circuits.graph.circuit import Circuit
 from circuits.graph.incremental import (
     CircuitState,
     Evaluated,
+    candidate_floats,
+    circuit_state,
     commit_evaluated,
     evaluate_columns,
+    logits_read,
     seed_terms,
 )
 from circuits.graph.metric import GraphMetric, resolve_metric
@@ -52,7 +68,10 @@ from circuits.graph.patching import Ablation, EdgePatcher
 from circuits.graph.result import EdgeResult
 from circuits.tasks.metrics import MetricSpec
 from circuits.tasks.task import Task
-from circuits.validate import check_gap, check_number, check_task
+from circuits.validate import check_count, check_gap, check_number, check_task
+
+CANDIDATE_BUDGET_FLOATS = 2**26
+"""The default bound on one chunk of candidates' recomputed nodes, in floats (256 MiB in float32)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +80,8 @@ class ACDCResult(EdgeResult):
     `.top_n`, `.to_networkx`). `values` [source, destination] are the metric's changes measured when each edge
     was tested (nan where it was never tested); `circuit` holds the kept edges with those scores; `n_forwards`
     counts the circuits evaluated (each a forward of the plain algorithm, or a batch row), and
-    `info["n_batches"]` the batched calls."""
+    `info["n_batches"]` the batched calls; `info["resumed_after"]` the destinations read from a checkpoint
+    (0 for a fresh run)."""
 
     n_forwards: int = 0
 
@@ -74,6 +94,8 @@ def acdc(
     metric: MetricSpec = None,
     ablation: Ablation | str = Ablation.RESAMPLE,
     order: Literal["latest_first", "earliest_first"] = "latest_first",
+    chunk_size: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> ACDCResult:
     """Find a circuit by ACDC: remove each edge whose removal raises the loss by less than `threshold`.
@@ -82,23 +104,55 @@ def acdc(
     "kl" (KL from the clean run), or a callable of the logits at the metric positions [batch, n, vocab] →
     scalar, higher meaning more of the behaviour. The loss is KL itself, or minus any other metric, so
     `threshold` is in the metric's units. Scores: the metric's change when each edge was tested.
+
+    Memory: a destination's candidates are evaluated `chunk_size` at a time, each chunk's recomputed nodes
+    dropped once its losses are read (only the last removal's run is kept, for the commit), so the peak is
+    about the circuit's run plus one chunk of candidates. The default (None) sizes each chunk by the nodes its
+    candidates reach, within `CANDIDATE_BUDGET_FLOATS`; `chunk_size=1` is the smallest footprint. It changes
+    the cost, never a decision.
+
+    `checkpoint`: a file where the walk's state is written (atomically) after each destination it evaluates. If
+    the file exists and describes this same run (weights, task, metric, ablation, threshold, order), the walk
+    resumes after the last destination it records, recomputing none before it; a file from another run is
+    refused with an error. The resumed circuit's run is recomputed from its mask by one patched forward, equal
+    to the uninterrupted run's to float rounding (as exact ACDC is to the plain algorithm). `chunk_size` may
+    differ between the runs (e.g. smaller after running out of memory).
     Example: `acdc(model, induction_task(16, 8, 50), threshold=0.01, metric="kl").edges`
     """
     check_task(model, task)
     check_number(threshold, "threshold", minimum=0)
     if order not in ("latest_first", "earliest_first"):
         raise ValueError(f"order must be 'latest_first' or 'earliest_first', got {order!r}")
+    if chunk_size is not None:
+        check_count(chunk_size, "chunk_size", minimum=1)
     patcher = EdgePatcher(model, task, ablation)
     gm = resolve_metric(task, metric, patcher.clean_logits_full)
     _check_baselines(patcher, gm)
-    walk = _Walk(patcher, gm, float(threshold), order)
+    # a metric that reads few vocabulary columns (the logit difference) has only those computed by the walk
+    patcher.logit_columns = None if gm.columns is None else gm.columns.to(patcher.device)
+    walk = _Walk(patcher, gm.restricted(), float(threshold), order, chunk_size)
+    destinations = walk.destination_order()
+    description = saved = None
+    if checkpoint is not None:
+        description = run_description(model, task, metric=gm.name, ablation=patcher.ablation.value,
+                                      threshold=float(threshold), order=order,
+                                      graph=[patcher.graph.n_sources, patcher.graph.n_destinations])
+        saved = read_checkpoint(checkpoint, description)
     # the walk runs in inference mode (less bookkeeping per operation on these small tensors); what it
     # returns is copied out of it, so the result holds ordinary tensors
     with torch.inference_mode():
-        for d in tqdm(walk.destination_order(), desc="ACDC", disable=not progress):
-            if walk.skip_unused(d):
+        done = walk.restore(saved) if saved is not None else 0
+        bar = tqdm(destinations, desc="ACDC", disable=not progress, initial=done)
+        for i in range(done, len(destinations)):
+            bar.update(1)
+            if walk.skip_unused(destinations[i]):
                 continue
-            walk.exact_destination(d)
+            walk.exact_destination(destinations[i])
+            if checkpoint is not None:
+                write_checkpoint(checkpoint, description, walk.snapshot(i + 1))
+        bar.close()
+        if checkpoint is not None and done < len(destinations):
+            write_checkpoint(checkpoint, description, walk.snapshot(len(destinations)))
     members = prune_dead_ends(walk.state.mask.clone(), patcher.graph)
     attrs = dict(model=patcher.weights.description, method="acdc", metric=gm.name, ablation=patcher.ablation.value,
                  threshold=float(threshold))
@@ -109,7 +163,7 @@ def acdc(
         values=scores, dims=("source", "destination"), labels=(g.source_names, g.destination_names),
         method="acdc",
         info=dict(threshold=float(threshold), metric=gm.name, ablation=patcher.ablation.value,
-                  order=order, n_batches=walk.n_batches, loss=walk.loss,
+                  order=order, n_batches=walk.n_batches, loss=walk.loss, resumed_after=done,
                   n_edges=int(members.sum()), n_edges_total=g.n_edges),
         circuit=circuit, n_forwards=walk.n_forwards,
     )
@@ -126,8 +180,10 @@ def _check_baselines(patcher: EdgePatcher, metric: GraphMetric) -> None:
 class _Walk:
     """ACDC's running state: the circuit, its run, its loss, the scores and the cost so far."""
 
-    def __init__(self, patcher: EdgePatcher, metric: GraphMetric, threshold: float, order: str):
+    def __init__(self, patcher: EdgePatcher, metric: GraphMetric, threshold: float, order: str,
+                 chunk_size: int | None = None):
         self.patcher, self.metric, self.threshold, self.order = patcher, metric, threshold, order
+        self.chunk_size = chunk_size
         self.graph = patcher.graph
         self.state: CircuitState = clean_state(patcher)
         self.loss = float(metric.loss(self.state.logits[None])[0])
@@ -163,34 +219,63 @@ class _Walk:
             self.state = self.state.with_mask(mask)
         return True
 
-    def _losses(self, d: int, columns: Bool[Tensor, "k n_src"]) -> tuple[list[float], list[tuple[Evaluated, int]]]:
-        """The loss of each candidate column, and where each was evaluated (its batch and row in it)."""
-        out, where = [], []
-        for chunk in columns.split(self.patcher.chunk_size()):
-            evaluated = evaluate_columns(self.patcher, self.state, d, chunk)
-            out += self.metric.loss(evaluated.logits).tolist()
-            where += [(evaluated, i) for i in range(chunk.shape[0])]
-            self.n_batches += 1
+    def snapshot(self, done: int) -> dict:
+        """The walk's state after `done` destinations of `destination_order()`, for a checkpoint."""
+        return dict(done=done, mask=encode_mask(self.state.mask), scores=encode_values(self.scores),
+                    loss=self.loss, n_forwards=self.n_forwards, n_batches=self.n_batches,
+                    decided=[[layer, kind, [[s, r] for s, r in d.items()]]
+                             for (layer, kind), d in self.decided.items()])
+
+    def restore(self, saved: dict) -> int:
+        """Continue from a checkpoint's state; returns how many destinations it had done. The circuit's run is
+        recomputed from its mask (one patched forward), its loss with it."""
+        mask = decode_mask(saved["mask"]).to(self.patcher.device)
+        scores = decode_values(saved["scores"])
+        if mask.shape != self.graph.valid.shape or scores.shape != self.graph.valid.shape:
+            raise ValueError(f"checkpoint: its mask is {tuple(mask.shape)}, this graph's "
+                             f"{tuple(self.graph.valid.shape)}")
+        self.scores = scores
+        self.n_forwards, self.n_batches = int(saved["n_forwards"]), int(saved["n_batches"])
+        if not torch.equal(mask, self.state.mask):
+            self.state = circuit_state(self.patcher, mask)
+            self.loss = float(self.metric.loss(self.state.logits[None])[0])
+            self.n_forwards, self.n_batches = self.n_forwards + 1, self.n_batches + 1
+        self.decided = {(layer, kind): {int(s): bool(r) for s, r in d} for layer, kind, d in saved["decided"]}
+        return int(saved["done"])
+
+    def chunk_for(self, d: int) -> int:
+        """How many candidates of d one call evaluates: the user's chunk size, or as many as the budget holds
+        given the nodes they reach."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, CANDIDATE_BUDGET_FLOATS // candidate_floats(self.patcher, self.state.mask, d))
+
+    def _evaluate(self, d: int, columns: Bool[Tensor, "k n_src"]) -> Evaluated:
+        self.n_batches += 1
         self.n_forwards += columns.shape[0]
-        return out, where
+        return evaluate_columns(self.patcher, self.state, d, columns)
 
     def exact_destination(self, d: int) -> None:
         """The plain algorithm's decisions for destination d, checked in speculative batches.
 
         A round builds the circuits the plain algorithm would test if each decision went as guessed and
-        evaluates them together; decisions are then made in order with the plain algorithm's rule, and every
-        one up to the first wrong guess is the plain algorithm's own. Guesses: in the first round, the
-        decision made for the same source at the last destination of the same kind (a layer's q, k or v
-        inputs), else remove (ACDC circuits are sparse); then the decision implied by each edge's marginal
-        loss rise along the last round's guessed path. The circuit after the last removal was itself a
-        candidate: the new state is taken from its evaluation, with no further forward.
+        evaluates them in order, a chunk per call; decisions are made after each chunk with the plain
+        algorithm's rule, and every one up to the first wrong guess is the plain algorithm's own; the round
+        ends there (later chunks are not evaluated). Guesses: in the first round, the decision made for the
+        same source at the last destination of the same kind (a layer's q, k or v inputs), else remove (ACDC
+        circuits are sparse); then, for the candidates the last round evaluated, the decision implied by each
+        edge's marginal loss rise along that round's guessed path (the others: as the last decision went). A chunk's
+        recomputed nodes are dropped once its losses are read, except the last removal's (`Evaluated.select`):
+        the circuit after the last removal was itself a candidate, and the new state is taken from its
+        evaluation, with no further forward.
         """
         column = self.state.mask[:, d].clone()
         prior = self.decided.get(self.kind(d), {})
         decided = self.decided[self.kind(d)] = {}  # every incoming edge is decided before the loop ends
         remaining = self._remove_inert(d, column, decided)
         guesses = [prior.get(s, True) for s in remaining]
-        last_removal: tuple[Evaluated, int] | None = None
+        chunk = self.chunk_for(d)
+        last_removal: Evaluated | None = None
         while remaining:
             candidates, trial = [], column.clone()
             for s, guess in zip(remaining, guesses):
@@ -199,32 +284,44 @@ class _Walk:
                 candidates.append(candidate)
                 if guess:
                     trial = candidate
-            losses, where = self._losses(d, torch.stack(candidates))
-            marginal, path_loss = [], self.loss
-            for guess, loss in zip(guesses, losses):
-                marginal.append(loss - path_loss)
-                if guess:
-                    path_loss = loss
-            consumed = len(remaining)
-            for i, (s, guess, loss) in enumerate(zip(remaining, guesses, losses)):
-                increase = loss - self.loss
-                self.scores[s, d] = increase
-                remove = increase < self.threshold
-                decided[s] = remove
-                if remove:
-                    column[s] = False
-                    self.loss = loss
-                    last_removal = where[i]
-                if remove != guess:
-                    consumed = i + 1
+            marginal, path_loss, consumed = [], self.loss, None
+            for start in range(0, len(remaining), chunk):
+                evaluated = self._evaluate(d, torch.stack(candidates[start:start + chunk]))
+                losses = self.metric.loss(evaluated.logits).tolist()
+                for guess, loss in zip(guesses[start:], losses):
+                    marginal.append(loss - path_loss)
+                    if guess:
+                        path_loss = loss
+                removal = None
+                for j, loss in enumerate(losses):
+                    s, guess = remaining[start + j], guesses[start + j]
+                    increase = loss - self.loss
+                    self.scores[s, d] = increase
+                    remove = increase < self.threshold
+                    decided[s] = remove
+                    if remove:
+                        column[s] = False
+                        self.loss = loss
+                        removal = j
+                    if remove != guess:
+                        consumed = start + j + 1
+                        break
+                if removal is not None:
+                    last_removal = evaluated.select(removal)
+                del evaluated
+                if consumed is not None:
                     break
+            if consumed is None:
+                consumed = len(remaining)
+            # the candidates no chunk reached are guessed to go as the last decision went (a run of kept edges
+            # in a dense circuit, of removed ones in a sparse circuit)
+            guesses = [m < self.threshold for m in marginal[consumed:]] + [decided[remaining[consumed - 1]]] * (
+                len(remaining) - len(marginal))
             remaining = remaining[consumed:]
-            guesses = [m < self.threshold for m in marginal[consumed:]]
         if last_removal is not None:
-            evaluated, i = last_removal
-            if not torch.equal(evaluated.columns[i].cpu(), column.cpu()):
+            if not torch.equal(last_removal.columns[0].cpu(), column.cpu()):
                 raise AssertionError("the last removal's candidate is the final column")
-            self.state = commit_evaluated(self.patcher, self.state, evaluated, i, in_place=True)
+            self.state = commit_evaluated(self.patcher, self.state, last_removal, 0, in_place=True)
         else:
             self._set_column_without_forward(d, column)
 
@@ -261,8 +358,8 @@ def clean_state(patcher: EdgePatcher) -> CircuitState:
     """The state of the full circuit: the patcher's clean run (copied, since ACDC updates its state in place)."""
     sources, inputs = patcher.clean_sources.clone(), patcher.clean_inputs()
     pos = patcher.positions
-    return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs, patcher.clean_logits,
-                        sources[..., pos, :], inputs[..., pos, :])
+    return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs,
+                        logits_read(patcher, patcher.clean_logits), sources[..., pos, :], inputs[..., pos, :])
 
 
 def prune_dead_ends(mask: Bool[Tensor, "n_src n_dst"], graph: ComputeGraph) -> Bool[Tensor, "n_src n_dst"]:

@@ -37,7 +37,7 @@ class CircuitState:
     mask: Bool[Tensor, "n_src n_dst"]
     sources: Float[Tensor, "n_src batch pos d_model"]
     inputs: Float[Tensor, "n_dst batch pos d_model"]
-    logits: Float[Tensor, "batch n vocab"]
+    logits: Float[Tensor, "batch n vocab"]  # only `patcher.logit_columns` where set
     sources_at: Float[Tensor, "n_src batch n d_model"]
     inputs_at: Float[Tensor, "n_dst batch n d_model"]
     projected: dict[int, Tensor] = field(default_factory=dict)
@@ -61,7 +61,21 @@ def circuit_state(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> Ci
         run = patcher.forward(patcher.embed(patcher.task.clean), mask[None], keep=True)
     sources, inputs = run.sources[0], run.inputs[0]
     pos = patcher.positions
-    return CircuitState(mask.clone(), sources, inputs, run.logits[0], sources[..., pos, :], inputs[..., pos, :])
+    return CircuitState(mask.clone(), sources, inputs, logits_read(patcher, run.logits[0]), sources[..., pos, :],
+                        inputs[..., pos, :])
+
+
+def unembed_columns(patcher: EdgePatcher, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead c"]:
+    """The logits the evaluations read: every column, or only `patcher.logit_columns` where set."""
+    w, columns = patcher.weights, patcher.logit_columns
+    if columns is None:
+        return unembed(w, resid)
+    return w.ln_final(resid) @ w.W_U[:, columns] + w.b_U[columns]
+
+
+def logits_read(patcher: EdgePatcher, logits: Float[Tensor, "*lead vocab"]) -> Float[Tensor, "*lead c"]:
+    """Full logits restricted to the columns the evaluations read (`patcher.logit_columns`)."""
+    return logits if patcher.logit_columns is None else logits[..., patcher.logit_columns]
 
 
 def evaluate_column(
@@ -81,6 +95,51 @@ class Evaluated:
     columns: Bool[Tensor, "k n_src"]
     logits: Float[Tensor, "k batch n vocab"]
     propagation: _Propagation
+
+    def select(self, i: int) -> Evaluated:
+        """Candidate i alone, with its own copy of what it recomputed: what a commit needs, so that the other
+        candidates' memory is freed once this evaluation is dropped. Example: `keep = evaluated.select(3)`"""
+        prop = self.propagation
+        kept = _Propagation(prop.p, prop.state, self.d, self.columns[i:i + 1].clone())
+        kept.outputs = {s: (_row(value, i), restricted) for s, (value, restricted) in prop.outputs.items()}
+        kept.new_inputs = {dst: _row(value, i) for dst, value in prop.new_inputs.items()}
+        kept.new_projected = {dst: _row(value, i) for dst, value in prop.new_projected.items()}
+        return Evaluated(self.d, kept.columns, self.logits[i:i + 1].clone(), kept)
+
+
+def _row(value: Tensor, i: int) -> Tensor:
+    """Row i of a per-candidate tensor (one shared by every candidate has a leading axis of 1), copied."""
+    return (value[i:i + 1] if value.shape[0] > 1 else value).clone()
+
+
+def reached(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"], d: int) -> tuple[int, int]:
+    """How many destinations and sources a candidate column of d recomputes: d, its node, and what that node
+    reaches along the kept edges of `mask` (the circuit's own: a removed edge carries the ablated value).
+    Example: `n_dst, n_src = reached(p, state.mask, d)`"""
+    g, feeds = patcher.graph, patcher.feeds
+    mask = mask.to(feeds.device)
+    dst = torch.zeros(g.n_destinations, dtype=torch.bool, device=feeds.device)
+    src = torch.zeros(g.n_sources, dtype=torch.bool, device=feeds.device)
+    dst[d] = True
+    for stage in patcher.stages[patcher.stage_of(d):]:
+        fed = (mask[:, stage.dst] & src[:, None]).any(0)
+        dst[stage.dst] |= fed
+        src |= (dst[stage.dst, None] & feeds[stage.dst]).any(0)
+    return int(dst.sum()), int(src.sum())
+
+
+def candidate_floats(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"], d: int) -> int:
+    """An upper bound on the floats one candidate column of d holds while it is evaluated: a new input for each
+    destination it reaches, a new output and its change (two when read at every position and at the metric
+    positions) for each source, and its logits at the metric positions."""
+    n_dst, n_src = reached(patcher, mask, d)
+    stream = patcher.clean_sources[0].numel()
+    w = patcher.weights
+    hidden = stream * w.W_in.shape[-1] // w.d_model if w.W_in is not None else 0  # an MLP's, while it runs
+    logits = patcher.clean_logits.numel()
+    if patcher.logit_columns is not None:  # only these columns are computed
+        logits = logits // patcher.clean_logits.shape[-1] * patcher.logit_columns.numel()
+    return stream * (n_dst + 3 * n_src) + hidden + logits
 
 
 def evaluate_columns(
@@ -206,7 +265,7 @@ class _Propagation:
                 x = self.input_of(i, stage.dst.start)
                 if x is None:
                     return self.state.logits.expand(self.columns.shape[0], *self.state.logits.shape)
-                return unembed(w, x)
+                return unembed_columns(self.p, x)
             if stage.kind is NodeKind.MLP:
                 x = self.input_of(i, stage.dst.start)
                 if x is not None:

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.tasks.metrics import MetricSpec, checked_scalar, resolve
-from circuits.tasks.task import Metric, Task, kl_terms
+from circuits.tasks.task import Metric, Task, kl_terms, metric_terms
 from circuits.validate import check_finite
 
 
@@ -27,6 +27,17 @@ class GraphMetric:
     name: str
     fn: Callable[[Tensor], Tensor]
     higher_is_better: bool
+    columns: Int[Tensor, " c"] | None = None
+    """The only vocabulary columns the metric reads, where it reads few (the logit difference: the answers and
+    wrong answers); None where it reads every column (KL, log-probabilities, a callable)."""
+    on_columns: Callable[[Tensor], Tensor] | None = None
+    """The metric of logits restricted to `columns` [k, batch, n, c] (equal to `fn` on the full logits)."""
+
+    def restricted(self) -> GraphMetric:
+        """This metric reading logits restricted to `columns` (itself where it reads every column)."""
+        if self.columns is None or self.on_columns is None:
+            return self
+        return GraphMetric(self.name, self.on_columns, self.higher_is_better)
 
     def __call__(self, logits_at: Float[Tensor, "k batch n vocab"]) -> Float[Tensor, " k"]:
         """The metric of each run; a ValueError if any is NaN or infinite (no decision can rest on it)."""
@@ -60,6 +71,14 @@ def resolve_metric(
         clean_at = task.read_logits(clean_logits_full)  # read once: a metric is called for every evaluation
         log_probs = clean_at.log_softmax(-1)
         return GraphMetric(resolved.name, lambda logits_at: _mean_kl(task, logits_at, clean_at, log_probs), False)
+    if scored.metric is Metric.LOGIT_DIFF:
+        columns = torch.unique(torch.cat([scored.answers.flatten(), scored.wrong_answers.flatten()]))
+        answers, wrong = (torch.searchsorted(columns, t) for t in (scored.answers, scored.wrong_answers))
+
+        def on_columns(logits_at: Tensor) -> Tensor:
+            return metric_terms(Metric.LOGIT_DIFF, logits_at, answers, wrong, None).mean(dim=(-1, -2))
+
+        return GraphMetric(resolved.name, scored.score_positions, True, columns, on_columns)
     return GraphMetric(resolved.name, scored.score_positions, higher_is_better=True)
 
 

@@ -18,6 +18,7 @@ exact ACDC is in `circuits.graph.incremental`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -97,6 +98,9 @@ class EdgePatcher:
         self._at_metric = [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)]
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor] = {}
+        self.logit_columns: Int[Tensor, " c"] | None = None
+        """Where set, the incremental evaluations (`circuits.graph.incremental`) compute only these vocabulary
+        columns of the logits (a metric that reads few, `GraphMetric.columns`); `run` always computes all."""
         n_pos = task.seq_len
         causal, dtype = self.weights.causal, self.weights.dtype
         self._query_positions = {False: torch.arange(n_pos, device=self.device), True: self.positions}
@@ -259,6 +263,15 @@ class EdgePatcher:
         chunk = self.chunk_size()
         with torch.no_grad():
             return torch.cat([self.forward(emb, m).logits for m in masks.split(chunk)])
+
+    @functools.cached_property
+    def feeds(self) -> Bool[Tensor, "n_dst n_src"]:
+        """feeds[d, s]: destination d's input feeds source s (its head or MLP; `graph.sources_of_destination`)."""
+        g = self.graph
+        out = torch.zeros(g.n_destinations, g.n_sources, dtype=torch.bool)
+        for d in range(g.n_destinations):
+            out[d, g.sources_of_destination(d)] = True
+        return out.to(self.device)
 
     def chunk_size(self) -> int:
         """How many masks one batched forward takes."""

@@ -1,0 +1,145 @@
+"""Exact ACDC at GPT-2-small scale (FULL only, one round each): 12 layers × 12 heads, d_model 768, MLPs,
+vocabulary 1,000, random weights; an induction task of 8 rows × 25 tokens; KL metric; resample ablation.
+
+The plain algorithm (one patched forward per edge test, `tests.helpers.reference_acdc`) takes hours on the
+whole walk, so each reference is the plain algorithm on a SAMPLE of the walk's destinations, started from the
+circuit our walk had before each of them, and ours is timed on the same sample from the same circuits (both
+assert the same decisions):
+- `graph-acdc-sparse-sample-gpt2small`: threshold 1e-3 (a sparse circuit); the sample is every destination of
+  layer 1 that the walk evaluates (each reads ~15 sources; what its candidates reach above is the sparse circuit
+  the walk has left there). `extra_info` of ours records the WHOLE walk: its time, peak memory, edges kept,
+  circuits evaluated and batched calls, and the plain algorithm's forward count for it.
+- `graph-acdc-dense-above-gpt2small`: the worst reach: destination L1H0.q with the full circuit above it and
+  threshold 1e-9 (every edge that carries a difference stays), so each of its 15 candidates recomputes every
+  layer above; the peak memory of this row is the bound of goal 1 at its largest reach.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+
+import pytest
+import torch
+
+from bench.conftest import FULL, peak_memory_mb
+from circuits.graph import ComputeGraph, acdc
+from circuits.graph.incremental import circuit_state
+from circuits.graph.metric import resolve_metric
+from circuits.graph.patching import EdgePatcher
+from circuits.models import random_gpt2
+from circuits.tasks import induction_task
+from tests.helpers import reference_acdc
+
+pytestmark = pytest.mark.skipif(not FULL, reason="full benchmark only (BENCH_FULL=1)")
+acdc_module = importlib.import_module("circuits.graph.acdc")  # the package exports the function `acdc`
+SPARSE = 1e-3
+DENSE = 1e-9  # above float rounding of a KL near 0, below any edge that carries a difference
+_CACHE: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return random_gpt2(n_layers=12, d_model=768, n_heads=12, d_vocab=1000, n_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return induction_task(8, 12, 1000, seed=0)  # 25 tokens
+
+
+def _whole_walk(model, task) -> dict:
+    """Ours on the whole sparse walk, once, recording the circuit before each destination it evaluates."""
+    if "whole" not in _CACHE:
+        before: dict[int, torch.Tensor] = {}
+        evaluate = acdc_module._Walk.exact_destination
+
+        def spy(self, d):
+            before[d] = self.state.mask.cpu().clone()
+            return evaluate(self, d)
+
+        acdc_module._Walk.exact_destination = spy
+        try:
+            start = time.perf_counter()
+            r, peak = peak_memory_mb(lambda: acdc(model, task, threshold=SPARSE, metric="kl", progress=False))
+            seconds = time.perf_counter() - start
+        finally:
+            acdc_module._Walk.exact_destination = evaluate
+        tested = int((~r.values.isnan()).sum())
+        _CACHE["whole"] = dict(result=r, before=before, seconds=seconds, peak=peak, tested=tested)
+    return _CACHE["whole"]
+
+
+def _sample(model, task) -> list[int]:
+    g = ComputeGraph.of(model)
+    walked = _whole_walk(model, task)["before"]
+    return sorted((d for d in walked if g.destinations[d].layer == 1), reverse=True)
+
+
+def _ours_on(model, task, threshold, starts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Our walk on each destination from its starting circuit; the column it leaves there."""
+    p = EdgePatcher(model, task)
+    gm = resolve_metric(task, "kl", p.clean_logits_full)
+    out = {}
+    with torch.inference_mode():
+        for d, mask in starts.items():
+            walk = acdc_module._Walk(p, gm, threshold, "latest_first")
+            walk.state = circuit_state(p, mask.to(p.device))
+            walk.loss = float(gm.loss(walk.state.logits[None])[0])
+            walk.exact_destination(d)
+            out[d] = walk.state.mask[:, d].cpu()
+    return out
+
+
+def _reference_on(model, task, threshold, starts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    out = {}
+    for d, mask in starts.items():
+        final, _ = reference_acdc(model, task, threshold=threshold, metric="kl", start=mask, destinations=[d])
+        out[d] = final[:, d].cpu()
+    return out
+
+
+def _sparse_starts(model, task) -> dict[int, torch.Tensor]:
+    before = _whole_walk(model, task)["before"]
+    return {d: before[d] for d in _sample(model, task)}
+
+
+def test_acdc_sparse_sample_ours(run_bench, benchmark, model, task):
+    whole = _whole_walk(model, task)
+    starts = _sparse_starts(model, task)
+    cols = run_bench(lambda: _ours_on(model, task, SPARSE, starts), group="graph-acdc-sparse-sample-gpt2small",
+                     side="ours", rounds=1)
+    r = whole["result"]
+    benchmark.extra_info.update(
+        sample=[r.circuit.graph.destination_names[d] for d in starts], whole_walk_s=round(whole["seconds"], 2),
+        whole_walk_peak_mib=round(whole["peak"], 1), n_edges=r.circuit.n_edges, n_forwards=r.n_forwards,
+        n_batches=r.info["n_batches"], plain_algorithm_forwards=whole["tested"] + 1)
+    _CACHE["sparse-ours"] = cols
+
+
+def test_acdc_sparse_sample_reference(run_bench, model, task):
+    starts = _sparse_starts(model, task)
+    cols = run_bench(lambda: _reference_on(model, task, SPARSE, starts), group="graph-acdc-sparse-sample-gpt2small",
+                     side="reference", rounds=1)
+    ours = _CACHE.get("sparse-ours") or _ours_on(model, task, SPARSE, starts)
+    assert all(torch.equal(cols[d], ours[d]) for d in starts)
+
+
+def _dense_start(model) -> dict[int, torch.Tensor]:
+    g = ComputeGraph.of(model)
+    return {g.destination_names.index("L1H0.q"): g.valid.clone()}
+
+
+def test_acdc_dense_above_ours(run_bench, model, task):
+    starts = _dense_start(model)
+    _CACHE["dense-ours"] = run_bench(lambda: _ours_on(model, task, DENSE, starts),
+                                     group="graph-acdc-dense-above-gpt2small", side="ours", rounds=1)
+
+
+def test_acdc_dense_above_reference(run_bench, model, task):
+    starts = _dense_start(model)
+    cols = run_bench(lambda: _reference_on(model, task, DENSE, starts), group="graph-acdc-dense-above-gpt2small",
+                     side="reference", rounds=1)
+    ours = _CACHE.get("dense-ours") or _ours_on(model, task, DENSE, starts)
+    assert all(torch.equal(cols[d], ours[d]) for d in starts)

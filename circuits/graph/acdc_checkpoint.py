@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from circuits.digest import task_digest, weights_digest
+
 FORMAT = 1
 
 
@@ -33,8 +35,6 @@ def run_description(model: Any, task: Any, **settings: Any) -> dict[str, Any]:
     """What identifies an ACDC run: the weights' and the task's digests and the settings that change decisions.
     Example: `run_description(model, task, metric="kl", ablation="resample", threshold=0.01, order="latest_first")`
     """
-    from circuits.sweep.build import task_digest, weights_digest  # the one digest of each (a run's key there)
-
     return dict(method="acdc", weights_sha256=weights_digest(model), task_sha256=task_digest(task), **settings)
 
 

@@ -2,7 +2,7 @@
 each finished run written at once to a results folder keyed by a hash of its configuration, and one tidy
 table of all runs.
 
-Files: `grid` (the grid and its TOML form), `build` (models, tasks, digests, known circuits), `methods` (one
+Files: `grid` (the grid and its TOML form), `build` (models, tasks, known circuits; the digests are `circuits.digest`), `methods` (one
 adapter per method), `store` (the results folder: atomic, checksummed entries), `runner` (keys, cache,
 backends), `table` (the DataFrame). Figures: `viz.sweep`. Command line: `python -m circuits.sweep sweep.toml`.
 pandas, pyarrow and Ray come with `pip install 'circuits[sweep]'`.
@@ -15,7 +15,8 @@ Example:
     sweep.run("out/sweep", progress=False).table
 """
 
-from circuits.sweep.build import known_circuit, register_model, register_task, weights_digest
+from circuits.digest import weights_digest
+from circuits.sweep.build import known_circuit, register_model, register_task
 from circuits.sweep.grid import METHODS, MethodEntry, ModelEntry, Run, Sweep, TaskEntry, load_toml
 from circuits.sweep.methods import MethodOutput, register_method
 from circuits.sweep.runner import SweepResult, run_sweep

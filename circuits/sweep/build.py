@@ -7,7 +7,6 @@ A process keeps the models it built (`build_model` caches by entry), so a worker
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from transformer_lens import TransformerBridge
 
+from circuits.digest import weights_digest
 from circuits.graph.circuit import Circuit
 from circuits.graph.nodes import ComputeGraph
 from circuits.sweep.grid import ModelEntry, TaskEntry, canonical_json
@@ -112,41 +112,6 @@ def build_task(entry: TaskEntry, model: TransformerBridge, seed: int) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"task {entry.name!r}: the generator returned {type(task).__name__}, expected a Task")
     return task
-
-
-def weights_digest(model: TransformerBridge) -> str:
-    """SHA-256 of every weight (names, shapes, dtypes and bytes) and the config: the model's part of a run's key.
-
-    Every byte counts (unlike a sampled fingerprint), so a model differing in any weight gets other keys."""
-    h = hashlib.sha256()
-    h.update(repr(sorted(_config_items(model))).encode())
-    with torch.no_grad():
-        for name, t in sorted(model.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def task_digest(task: Task) -> str:
-    """SHA-256 of the task's data (tokens, answers, positions) and metric: the task's part of a run's key."""
-    h = hashlib.sha256()
-    h.update(f"{task.name}|{task.metric.value}".encode())
-    for name in ("clean", "corrupted", "answers", "positions", "wrong_answers"):
-        t = getattr(task, name)
-        h.update(name.encode())
-        if t is not None:
-            t = t.detach().cpu().contiguous()
-            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _config_items(model: TransformerBridge) -> list[tuple[str, str]]:
-    cfg = model.cfg
-    names = ("n_layers", "n_heads", "d_model", "d_head", "d_vocab", "n_ctx", "attn_only", "act_fn",
-             "normalization_type", "positional_embedding_type")
-    return [(n, repr(getattr(cfg, n, None))) for n in names]
 
 
 def known_circuit(model: TransformerBridge) -> Circuit | None:

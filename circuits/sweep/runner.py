@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 import circuits
-from circuits.sweep.build import build_model, build_task, import_modules, known_circuit, task_digest
+from circuits.digest import task_digest
+from circuits.sweep.build import build_model, build_task, import_modules, known_circuit
 from circuits.sweep.grid import Run, Sweep
 from circuits.sweep.methods import MethodOutput, adapter
 from circuits.sweep.store import Store, run_key

@@ -1,0 +1,44 @@
+"""SHA-256 digests of a model's weights and of a task's data: what identifies a run (a sweep's key, an ACDC
+checkpoint's description). Neutral ground, so that `graph` and `sweep` both use it without importing each other."""
+
+import hashlib
+
+import torch
+from transformer_lens import TransformerBridge
+
+from circuits.tasks.task import Task
+
+
+def weights_digest(model: TransformerBridge) -> str:
+    """SHA-256 of every weight (names, shapes, dtypes and bytes) and the config: the model's part of a run's key.
+
+    Every byte counts (unlike a sampled fingerprint), so a model differing in any weight gets other keys."""
+    h = hashlib.sha256()
+    h.update(repr(sorted(_config_items(model))).encode())
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def task_digest(task: Task) -> str:
+    """SHA-256 of the task's data (tokens, answers, positions) and metric: the task's part of a run's key."""
+    h = hashlib.sha256()
+    h.update(f"{task.name}|{task.metric.value}".encode())
+    for name in ("clean", "corrupted", "answers", "positions", "wrong_answers"):
+        t = getattr(task, name)
+        h.update(name.encode())
+        if t is not None:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _config_items(model: TransformerBridge) -> list[tuple[str, str]]:
+    cfg = model.cfg
+    names = ("n_layers", "n_heads", "d_model", "d_head", "d_vocab", "n_ctx", "attn_only", "act_fn",
+             "normalization_type", "positional_embedding_type")
+    return [(n, repr(getattr(cfg, n, None))) for n in names]

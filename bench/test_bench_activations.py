@@ -145,21 +145,26 @@ def zoo_task():
     return induction_task(32, 17, 64, seed=0)  # [BOS, x_1..x_17, x_1..x_17]: 32 rows × 35 tokens
 
 
-def _zoo_result(side: str, site: str, model, task) -> torch.Tensor:
-    if (side, site) not in _ZOO_RESULTS:
-        _ZOO_RESULTS[side, site] = (_ours if side == "ours" else _reference)(model, task, site)
-    return _ZOO_RESULTS[side, site]
+def _cached(results: dict, side: str, site: str, model, task) -> torch.Tensor:
+    if (side, site) not in results:
+        results[side, site] = (_ours if side == "ours" else _reference)(model, task, site)
+    return results[side, site]
+
+
+def _bench_pair(run_bench, results: dict, group: str, model, task, site: str, side: str, rounds=None) -> None:
+    """One side of an ours-vs-transformer_lens row, its output asserted equal to the other side's."""
+    fn = _ours if side == "ours" else _reference
+    out = run_bench(lambda: fn(model, task, site), group=group, side=side, rounds=rounds)
+    results.setdefault((side, site), out)
+    other = _cached(results, "reference" if side == "ours" else "ours", site, model, task)
+    ours, reference = (out, other) if side == "ours" else (other, out)
+    assert_equal_outputs(ours, reference)
 
 
 @pytest.mark.parametrize("site", ["z", "resid_pre"])
 @pytest.mark.parametrize("side", ["ours", "reference"])
 def test_activation_patch_attn2l(run_bench, zoo_model, zoo_task, site, side):
-    fn = _ours if side == "ours" else _reference
-    out = run_bench(lambda: fn(zoo_model, zoo_task, site), group=ZOO_GROUP.format(site=site), side=side)
-    _ZOO_RESULTS.setdefault((side, site), out)
-    other = _zoo_result("reference" if side == "ours" else "ours", site, zoo_model, zoo_task)
-    ours, reference = (out, other) if side == "ours" else (other, out)
-    assert_equal_outputs(ours, reference)
+    _bench_pair(run_bench, _ZOO_RESULTS, ZOO_GROUP.format(site=site), zoo_model, zoo_task, site, side)
 
 
 # --------------------------------------------------------------- a LLaMA-shaped model (rotary, grouped-query, SwiGLU)
@@ -185,19 +190,8 @@ def llama_model():
     return model
 
 
-def _llama_result(side: str, site: str, model, task) -> torch.Tensor:
-    if (side, site) not in _LLAMA_RESULTS:
-        _LLAMA_RESULTS[side, site] = (_ours if side == "ours" else _reference)(model, task, site)
-    return _LLAMA_RESULTS[side, site]
-
-
 @pytest.mark.parametrize("site", ["z", "resid_pre"])
 @pytest.mark.parametrize("side", ["ours", "reference"])
 def test_activation_patch_llama(run_bench, llama_model, task, site, side):
-    fn = _ours if side == "ours" else _reference
-    out = run_bench(lambda: fn(llama_model, task, site), group=LLAMA_GROUP.format(site=site), side=side,
-                    rounds=1 if FULL else None)
-    _LLAMA_RESULTS.setdefault((side, site), out)
-    other = _llama_result("reference" if side == "ours" else "ours", site, llama_model, task)
-    ours, reference = (out, other) if side == "ours" else (other, out)
-    assert_equal_outputs(ours, reference)
+    _bench_pair(run_bench, _LLAMA_RESULTS, LLAMA_GROUP.format(site=site), llama_model, task, site, side,
+                rounds=1 if FULL else None)

@@ -5,6 +5,8 @@ independently of the library."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import perturb_norms_and_biases
@@ -52,13 +54,11 @@ BUILDERS = {
 # the results are float32 whatever the model's dtype; in float64 the bridges of these models still compute a step
 # in float32 (Hugging Face's LLaMA-family softmax, the RMS and LNPre norms)
 FLOAT32_STEPS = {"llama", "qwen2", "mistral", "native-rms-rotary-gqa-swiglu", "native-lnpre-bidirectional"}
-_MODELS: dict = {}
 
 
+@functools.cache
 def model_of(name: str, dtype: torch.dtype) -> TransformerBridge:
-    if (name, dtype) not in _MODELS:
-        _MODELS[name, dtype] = BUILDERS[name](dtype)
-    return _MODELS[name, dtype]
+    return BUILDERS[name](dtype)
 
 
 def tolerance(name: str, dtype: torch.dtype, scale: float) -> float:

@@ -13,6 +13,9 @@ of 32 rows × 35 tokens (z and resid_pre by position against transformer_lens, o
 issue's compute-bound GPT-2 setting (full vocabulary, z at all positions, with its FLOP floor) is in
 `test_bench_gpt2_all_pos.py`.
 
+A LLaMA-shaped model (rotary positions, grouped-query attention, SwiGLU; `llama_model`) has its own z and
+resid_pre rows against transformer_lens, on the same task.
+
 Attribution patching is a first-order estimate, not the same number: its group ("attribution-vs-activation")
 asserts that the estimated effects correlate with the exact ones (Pearson r over every layer × head ×
 position) above a bound measured on these models.
@@ -142,18 +145,53 @@ def zoo_task():
     return induction_task(32, 17, 64, seed=0)  # [BOS, x_1..x_17, x_1..x_17]: 32 rows × 35 tokens
 
 
-def _zoo_result(side: str, site: str, model, task) -> torch.Tensor:
-    if (side, site) not in _ZOO_RESULTS:
-        _ZOO_RESULTS[side, site] = (_ours if side == "ours" else _reference)(model, task, site)
-    return _ZOO_RESULTS[side, site]
+def _cached(results: dict, side: str, site: str, model, task) -> torch.Tensor:
+    if (side, site) not in results:
+        results[side, site] = (_ours if side == "ours" else _reference)(model, task, site)
+    return results[side, site]
+
+
+def _bench_pair(run_bench, results: dict, group: str, model, task, site: str, side: str, rounds=None) -> None:
+    """One side of an ours-vs-transformer_lens row, its output asserted equal to the other side's."""
+    fn = _ours if side == "ours" else _reference
+    out = run_bench(lambda: fn(model, task, site), group=group, side=side, rounds=rounds)
+    results.setdefault((side, site), out)
+    other = _cached(results, "reference" if side == "ours" else "ours", site, model, task)
+    ours, reference = (out, other) if side == "ours" else (other, out)
+    assert_equal_outputs(ours, reference)
 
 
 @pytest.mark.parametrize("site", ["z", "resid_pre"])
 @pytest.mark.parametrize("side", ["ours", "reference"])
 def test_activation_patch_attn2l(run_bench, zoo_model, zoo_task, site, side):
-    fn = _ours if side == "ours" else _reference
-    out = run_bench(lambda: fn(zoo_model, zoo_task, site), group=ZOO_GROUP.format(site=site), side=side)
-    _ZOO_RESULTS.setdefault((side, site), out)
-    other = _zoo_result("reference" if side == "ours" else "ours", site, zoo_model, zoo_task)
-    ours, reference = (out, other) if side == "ours" else (other, out)
-    assert_equal_outputs(ours, reference)
+    _bench_pair(run_bench, _ZOO_RESULTS, ZOO_GROUP.format(site=site), zoo_model, zoo_task, site, side)
+
+
+# --------------------------------------------------------------- a LLaMA-shaped model (rotary, grouped-query, SwiGLU)
+
+LLAMA_GROUP = "activations-patch-{site}-by-pos-llama" + ("-full" if FULL else "-short")
+_LLAMA_RESULTS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    """FULL: 4 layers × 8 heads (2 key/value heads), d_model 256, d_mlp 512; short: 2 × 4 (2), d_model 64. Random
+    weights through `boot_transformers`, its matrices 6× their initial scale (LLaMA's std 0.02 leaves every
+    patch's effect near rounding)."""
+    from circuits.models import random_llama
+
+    shape = dict(n_layers=4, d_model=256, n_heads=8, n_kv_heads=2, d_mlp=512) if FULL else \
+        dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128)
+    model = random_llama(**shape, d_vocab=D_VOCAB, n_ctx=32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(6)
+    return model
+
+
+@pytest.mark.parametrize("site", ["z", "resid_pre"])
+@pytest.mark.parametrize("side", ["ours", "reference"])
+def test_activation_patch_llama(run_bench, llama_model, task, site, side):
+    _bench_pair(run_bench, _LLAMA_RESULTS, LLAMA_GROUP.format(site=site), llama_model, task, site, side,
+                rounds=1 if FULL else None)

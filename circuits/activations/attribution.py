@@ -21,6 +21,7 @@ from circuits.activations.sites import (
     check_positions,
     parse_site,
     result_axes,
+    site_heads,
     token_labels,
 )
 from circuits.tasks import Task
@@ -62,7 +63,8 @@ def attribution_patch(
         raise ValueError(f"direction: expected 'denoising' or 'noising', got {direction!r}")
     resolved = resolve(task, metric)
     task, custom = resolved.task, resolved.on_full_logits() if resolved.is_custom else None
-    L, H, P = model.cfg.n_layers, model.cfg.n_heads, task.seq_len
+    L, P = model.cfg.n_layers, task.seq_len
+    H = site_heads(model, site)
     pos_list = check_positions(positions, P)
     head_list = check_heads(heads, L, H)
     if heads is not None and not site.per_head:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.activations.sites import Components, Site
+from circuits.activations.sites import Components, Site, site_heads
 
 
 def cache_site(model: TransformerBridge, tokens: Tensor, site: Site) -> tuple[Tensor, dict[str, Tensor]]:
@@ -48,7 +48,7 @@ def patch_chunk(model: TransformerBridge, site: Site, c: Components, base: dict[
     name = site.hook_name(c.layer)
     resid = base[Site.RESID_PRE.hook_name(c.layer)]
     batch, n_pos = resid.shape[:2]
-    mask = _mask(site, c, k, n_pos, model.cfg.n_heads, resid.device)
+    mask = _mask(site, c, k, n_pos, site_heads(model, site), resid.device)
     source = src[name]
 
     def patch(act: Tensor, hook: object) -> Tensor:

@@ -47,12 +47,15 @@ class LeaveOneOut:
     top_rest_z: Float[Tensor, "batch nq head d_head"]  # R̂[i, m_i]
     top_log_rest: Float[Tensor, "batch nq head"]  # log D[i, m_i] (−inf: no other key)
     scale: float
+    causal: bool = True  # bidirectional attention: every query sees every key
 
     @classmethod
     def of(cls, q: Float[Tensor, "batch pos head d_head"], k: Float[Tensor, "batch pos head d_head"],
            v: Float[Tensor, "batch pos head d_head"], z: Float[Tensor, "batch pos head d_head"],
-           pattern: Float[Tensor, "batch head pos pos"], q_pos: Int[Tensor, " nq"], scale: float) -> LeaveOneOut:
-        """From a layer's cached q, k, v, z and pattern (TransformerLens layouts)."""
+           pattern: Float[Tensor, "batch head pos pos"], q_pos: Int[Tensor, " nq"], scale: float,
+           causal: bool = True) -> LeaveOneOut:
+        """From a layer's cached q, k, v, z and pattern (TransformerLens layouts; q and k rotated, one key and
+        value per query head)."""
         q_at = q[:, q_pos].transpose(1, 2).contiguous()  # batch head nq d_head
         a = pattern[:, :, q_pos]  # batch head nq key
         top_a, top = a.max(-1)
@@ -62,14 +65,15 @@ class LeaveOneOut:
 
         lse = torch.einsum("bhid,bhid->bhi", q_at, _rows_at(k, top)) / scale - top_a.log()  # a_im ≥ 1/(i + 1)
         log_rest, rest_z = _share_from_pattern(a, top, v)
-        lost = (log_rest < _LOST) & (q_pos > 0)  # the other keys' weights underflow: read their scores
+        lost = (log_rest < _LOST) & ((q_pos > 0) | (not causal))  # the other keys' weights underflow: read scores
         if bool(lost.any()):
-            scores = (q_at @ k.permute(0, 2, 3, 1) / scale).masked_fill_(hidden_keys(q_pos, k.shape[1]), float("-inf"))
+            scores = (q_at @ k.permute(0, 2, 3, 1) / scale).masked_fill_(hidden_keys(q_pos, k.shape[1], causal),
+                                                                              float("-inf"))
             exact_log, exact_z = _share_from_scores(scores, top, v)
             log_rest, rest_z = torch.where(lost, exact_log, log_rest), torch.where(lost[..., None], exact_z, rest_z)
         return cls(q_pos=q_pos, q=q_at, v=v, a=a.permute(3, 0, 2, 1).contiguous(), lse=query_major(lse),
                    top=query_major(top), z=z[:, q_pos].contiguous(), top_rest_z=query_major(rest_z),
-                   top_log_rest=query_major(log_rest), scale=scale)
+                   top_log_rest=query_major(log_rest), scale=scale, causal=causal)
 
     def replace_key(self, p: Int[Tensor, " k"], k_new: Float[Tensor, "k batch head d_head"],
                     v_new: Float[Tensor, "k batch head d_head"], first: int = 0
@@ -91,6 +95,8 @@ class LeaveOneOut:
         """[k, batch, nq, head] each: the weights of R̂ and of v'_p, a_ip, and whether p is the top key."""
         b, h, nq, d = self.q[:, :, first:].shape
         unseen = self.q_pos[first:, None] < p[None, :]  # score -inf: new = 0, D = 1, w_rest = 1
+        if not self.causal:
+            unseen = torch.zeros_like(unseen)
         bias = torch.zeros(unseen.shape, dtype=self.q.dtype, device=p.device).masked_fill_(unseen, float("-inf"))
         keys = k_new.permute(1, 2, 3, 0).reshape(b * h, d, len(p))
         s_new = torch.baddbmm(bias, self.q[:, :, first:].reshape(b * h, nq, d), keys, alpha=1 / self.scale)
@@ -138,15 +144,16 @@ def _share_from_scores(scores: Float[Tensor, "batch head nq key"], top: Int[Tens
 
 def query_row(p: Int[Tensor, " k"], q_new: Float[Tensor, "k batch head d_head"],
               k_new: Float[Tensor, "k batch head d_head"], v_new: Float[Tensor, "k batch head d_head"],
-              k: Float[Tensor, "batch pos head d_head"], v: Float[Tensor, "batch pos head d_head"], scale: float
-              ) -> Float[Tensor, "k batch head d_head"]:
-    """The output of the query at p[k] when that position's q, k and v all change (keys 0..p[k] visible).
+              k: Float[Tensor, "batch pos head d_head"], v: Float[Tensor, "batch pos head d_head"], scale: float,
+              causal: bool = True) -> Float[Tensor, "k batch head d_head"]:
+    """The output of the query at p[k] when that position's q, k and v all change (keys 0..p[k] visible, or
+    every key under bidirectional attention).
     Example: `z_p = query_row(p, q_row, k_row, v_row, run.k[0], run.v[0], scale)`"""
     keys = torch.arange(k.shape[1], device=k.device)
     at_p = (keys[None, :] == p[:, None])[:, None, None, :]  # k 1 1 key
     scores = torch.where(at_p, torch.einsum("kbhd,kbhd->kbh", q_new, k_new)[..., None],
                          torch.einsum("kbhd,bjhd->kbhj", q_new, k)) / scale
-    a = scores.masked_fill(hidden_keys(p, k.shape[1])[:, None, None, :], float("-inf")).softmax(-1)
+    a = scores.masked_fill(hidden_keys(p, k.shape[1], causal)[:, None, None, :], float("-inf")).softmax(-1)
     a_p = a.gather(-1, p[:, None, None, None].expand(*a.shape[:-1], 1))
     v_p = v.index_select(1, p).movedim(1, 0)
     return torch.einsum("kbhj,bjhd->kbhd", a, v) + a_p * (v_new - v_p)

@@ -25,6 +25,7 @@ from circuits.activations.sites import (
     enumerate_components,
     parse_site,
     result_axes,
+    site_heads,
     token_labels,
 )
 from circuits.tasks import Task
@@ -56,14 +57,15 @@ def activation_patch(
     patches in corrupted ones. Components: every layer (× head for z, q, k, v, pattern) × position when
     `per_position` (the destination position for `pattern`), else all positions (those in `positions`) at
     once. Result values: [layer, pos] / [layer] for resid_pre, resid_mid, resid_post, attn_out;
-    [layer, head, pos] / [layer, head] for z, q, k, v; [layer, head, dest_pos] / [layer, head] for pattern;
+    [layer, head, pos] / [layer, head] for z, q, k, v (k and v: key/value heads under grouped-query
+    attention); [layer, head, dest_pos] / [layer, head] for pattern;
     normalised (0 = corrupted baseline, 1 = clean) with the raw metric in `.raw`. `heads` ((layer, head)
     pairs) and `positions` restrict the components (the rest are NaN).
 
     The components of a layer run together, stacked along the batch in chunks of at most `batch_limit`
     (default: what fits in `memory_mb`; on a CPU also 2-8 MiB of residual stream per chunk: enough work per
     operation for small models, within the caches for large ones), resuming from the cached residual stream
-    at that layer. The `weights` backend (native and GPT-2 bridges; `auto` picks it when it can) computes the
+    at that layer. The `weights` backend (every architecture `circuits.engine` runs; `auto` picks it) computes the
     forward from the model's weights, recomputes only positions at or after the patch, updates attention for
     a single changed position in O(d_head) per query (see `key_update`), reads only the logits the metric
     reads, and runs nothing for a component whose patch writes the base run's own value (bitwise: e.g. every
@@ -83,7 +85,8 @@ def activation_patch(
                                     or batch_limit < 1):
         raise ValueError(f"batch_limit: expected a positive integer, got {batch_limit!r}")
     check_number(memory_mb, "memory_mb", positive=True)
-    L, H, P = model.cfg.n_layers, model.cfg.n_heads, task.seq_len
+    L, P = model.cfg.n_layers, task.seq_len
+    H = site_heads(model, site)
     pos_list = check_positions(positions, P)
     head_list = check_heads(heads, L, H)
     if backend == "auto":
@@ -167,7 +170,8 @@ def _run_weights(model, task, site, comps, direction, custom, batch_limit, memor
     w = engine.weights_of(model)
     device = w.W_E.device
     P = task.seq_len
-    keep = P if custom is not None else int(task.positions.max()) + 1  # later positions cannot reach the metric
+    # under causal attention later positions cannot reach the metric
+    keep = P if custom is not None or not w.causal else int(task.positions.max()) + 1
     with torch.no_grad():
         clean, corrupted = engine.run_pair(w, task.clean[:, :keep].to(device), task.corrupted[:, :keep].to(device))
         reader = Reader.for_task(w, task, clean.final, custom)

@@ -46,11 +46,25 @@ class Site(str, Enum):
 
 
 def valid_sites(model: TransformerBridge) -> list[Site]:
-    """The sites that exist in `model` (resid_mid only where there are MLPs; none in a 0-layer model, whose
-    embeddings are patched through the graph's tok_embed → logits edge: `circuits.graph.patch_edges`)."""
+    """The sites that exist in `model` (resid_mid only where there are MLPs after the attention, not in
+    parallel blocks; none in a 0-layer model, whose embeddings are patched through the graph's tok_embed →
+    logits edge: `circuits.graph.patch_edges`)."""
     if model.cfg.n_layers == 0:
         return []
-    return [s for s in Site if not (s is Site.RESID_MID and model.cfg.attn_only)]
+    return [s for s in Site if not (s is Site.RESID_MID and (model.cfg.attn_only or _parallel(model)))]
+
+
+def _parallel(model: TransformerBridge) -> bool:
+    return bool(getattr(model.cfg, "parallel_attn_mlp", False))
+
+
+def site_heads(model: TransformerBridge, site: Site) -> int:
+    """The number of heads a per-head site splits into: key/value heads for k and v under grouped-query
+    attention (one key/value head is shared by its group of query heads), query heads otherwise."""
+    cfg = model.cfg
+    if site in (Site.K, Site.V):
+        return int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    return int(cfg.n_heads)
 
 
 def parse_site(model: TransformerBridge, site: Site | str) -> Site:
@@ -64,6 +78,9 @@ def parse_site(model: TransformerBridge, site: Site | str) -> Site:
         parsed = Site(site)
     except ValueError:
         raise ValueError(f"site: {site!r} is not a patching site; valid sites for this model: {names}") from None
+    if parsed not in valid and _parallel(model):
+        raise ValueError(f"site: {parsed.value!r} does not exist in this model (its attention and MLP run in "
+                         f"parallel from the block's input); valid sites: {names}")
     if parsed not in valid:
         raise ValueError(
             f"site: {parsed.value!r} does not exist in this model (it is attention-only, so resid_mid equals "

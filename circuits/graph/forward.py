@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.engine import Weights, attention_bias, embed, expand_kv, mlp, rotate, unembed
+from circuits.engine.run import forward
 
 __all__ = ["SharedRun", "Weights", "attend", "attend_projected", "embed", "kv_heads", "mlp", "project",
            "shared_forward", "unembed"]
@@ -121,48 +122,20 @@ def shared_forward(
     *, metric_queries_only: bool = False,
 ) -> SharedRun:
     """The model's own forward from the embedding sources (one norm per layer for all heads, not one per head
-    input): what every edge present computes, at the cost of one forward of the model.
+    input): what every edge present computes, at the cost of one forward of the model (the engine's recorder,
+    `circuits.engine.run.forward`, keeping the graph's sources with heads after the run axis).
 
     `metric_queries_only`: the last layer's heads attend from the metric positions only, as nothing else
     they compute reaches the logits there; their outputs (in `sources`) are 0 at the other positions, and
     `final` there lacks them."""
-    resid = emb.sum(1)
+    positions = positions.to(emb.device)
+    rec = forward(w, emb.sum(1), record=("resid_pre", "qkv_heads", "head_out", "mlp_in", "mlp"), heads_at=1,
+                  queries=positions if metric_queries_only else None)
     blocks = [emb]
-    resid_in, qkv, mlp_in = [], [], []
-    n_pos = emb.shape[-2]
-    all_pos = torch.arange(n_pos, device=emb.device)
-    bias = attention_bias(all_pos, n_pos, emb.dtype, w.causal)
     for layer in range(w.n_layers):
-        resid_in.append(resid)
-        ln = w.ln1.at(layer)(resid)
-        K, B, P, D = ln.shape
-        H, Hkv, E = w.n_heads, w.n_kv_heads, w.W_Q.shape[-1]
-        # q, k and v of every head from one matrix product (as the model computes them)
-        W = torch.cat([w.W_Q[layer], w.W_K[layer], w.W_V[layer]]).permute(1, 0, 2).reshape(D, -1)
-        b = torch.cat([w.b_Q[layer], w.b_K[layer], w.b_V[layer]]).reshape(-1)
-        q, k, v = torch.addmm(b, ln.reshape(-1, D), W).view(K, B, P, H + 2 * Hkv, E).permute(0, 3, 1, 2, 4).split(
-            [H, Hkv, Hkv], dim=1)
-        qkv.append((q, k, v))
-        rows = positions.to(q.device) if metric_queries_only and layer == w.n_layers - 1 else None
-        q_at = rotate(w.rotary, q, all_pos)
-        if rows is not None:
-            q_at = q_at[..., rows, :]
-        k_all = expand_kv(w, rotate(w.rotary, k, all_pos), axis=1)
-        n = q_at.shape[-2]
-        scores = torch.baddbmm(bias if rows is None else bias[rows], q_at.reshape(-1, n, E),
-                               k_all.reshape(-1, P, E).transpose(-1, -2), alpha=1.0 / w.attn_scale)  # -inf: masked
-        out = _per_head(scores.softmax(-1).view(K, H, B, n, P) @ expand_kv(w, v, axis=1), w.W_O[layer])
-        if rows is not None:
-            out = out.new_zeros(K, H, B, P, D).index_copy(3, rows, out)
-        blocks.append(out)
-        block_in = resid
-        resid = resid + out.sum(1) + w.b_O[layer]
+        blocks.append(rec.head_out[layer])
         if w.has_mlp:
-            x = (block_in if w.parallel else resid).clone()  # a node of its own: its gradient is the MLP's path
-            mlp_in.append(x)
-            m = mlp(w, layer, x)
-            blocks.append(m[:, None])
-            resid = resid + m + w.b_out[layer]
-    final = resid.clone()
-    return SharedRun(tuple(b.detach() for b in blocks), tuple(resid_in), tuple(qkv), tuple(mlp_in), final,
-                     unembed(w, final[..., positions.to(final.device), :]))
+            blocks.append(rec.mlp[layer][:, None])
+    final = rec.final.clone()
+    return SharedRun(tuple(b.detach() for b in blocks), tuple(rec.resid_pre), tuple(rec.qkv_heads),
+                     tuple(rec.mlp_in), final, unembed(w, final[..., positions, :]))

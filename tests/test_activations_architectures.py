@@ -16,7 +16,7 @@ from transformer_lens.config import TransformerBridgeConfig
 from circuits.activations import activation_patch, attribution_patch, valid_sites
 from circuits.activations.engine import unsupported
 from circuits.activations.sites import Site
-from circuits.models import random_gpt2, random_llama, random_mistral, random_neox, random_qwen2
+from circuits.models import random_gemma, random_gpt2, random_llama, random_mistral, random_neox, random_qwen2
 from circuits.tasks import induction_task
 
 SHAPE = dict(n_layers=2, d_model=16, n_heads=4, d_vocab=24, n_ctx=20)
@@ -47,13 +47,14 @@ BUILDERS = {
     "neox": lambda dt: _scaled(random_neox(**SHAPE, d_mlp=32, dtype=dt)),
     "neox-sequential": lambda dt: _scaled(random_neox(**SHAPE, d_mlp=32, parallel=False, rotary_pct=1.0, dtype=dt)),
     "gpt2": lambda dt: _scaled(random_gpt2(**SHAPE, dtype=dt, perturb=True), 4.0),
+    "gemma": lambda dt: _scaled(random_gemma(**SHAPE, n_kv_heads=1, d_head=8, d_mlp=32, dtype=dt)),
     "native-rms-rotary-gqa-swiglu": lambda dt: _native(normalization_type="RMS", positional_embedding_type="rotary",
                                                        n_key_value_heads=2, gated_mlp=True, act_fn="silu").to(dt),
     "native-lnpre-bidirectional": lambda dt: _native(normalization_type="LNPre", attention_dir="bidirectional").to(dt),
 }
 # the results are float32 whatever the model's dtype; in float64 the bridges of these models still compute a step
 # in float32 (Hugging Face's LLaMA-family softmax, the RMS and LNPre norms)
-FLOAT32_STEPS = {"llama", "qwen2", "mistral", "native-rms-rotary-gqa-swiglu", "native-lnpre-bidirectional"}
+FLOAT32_STEPS = {"llama", "qwen2", "mistral", "gemma", "native-rms-rotary-gqa-swiglu", "native-lnpre-bidirectional"}
 
 
 @functools.cache

@@ -2,9 +2,10 @@
 each finished run written at once to a results folder keyed by a hash of its configuration, and one tidy
 table of all runs.
 
-Files: `grid` (the grid and its TOML form), `build` (models, tasks, known circuits; the digests are `circuits.digest`), `methods` (one
-adapter per method), `store` (the results folder: atomic, checksummed entries), `runner` (keys, cache,
-backends), `table` (the DataFrame). Figures: `viz.sweep`. Command line: `python -m circuits.sweep sweep.toml`.
+Files: `grid` (the grid and its TOML form), `build` (models, tasks, known circuits; the digests are
+`circuits.digest`), `methods` (one adapter per method), `store` (the results folder: atomic, checksummed
+entries), `runner` (keys, cache, backends), `table` (the DataFrame). Figures: `viz.sweep`. Command line:
+`python -m circuits.sweep sweep.toml`.
 pandas, pyarrow and Ray come with `pip install 'circuits[sweep]'`.
 
 Example:

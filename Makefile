@@ -28,7 +28,7 @@ lint: setup
 	$(VENV)/bin/ruff check circuits viz analyses tests bench
 
 unit: setup
-	$(PY) -m pytest -q -p no:cacheprovider --jaxtyping-packages=circuits,beartype.beartype tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 --jaxtyping-packages=circuits,beartype.beartype tests
 
 bench: setup
 	$(PY) -m pytest -q -p no:cacheprovider bench --benchmark-enable --benchmark-min-rounds=1 \

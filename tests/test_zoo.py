@@ -450,3 +450,51 @@ def test_attn2l_pycode_induction_tuned_lens_beats_the_logit_lens_on_fresh_held_o
     assert float(tuned[-1]) == pytest.approx(0.0, abs=1e-5)
     d = model.cfg.d_model
     assert float((lens.weight[-1] - torch.eye(d)).abs().max()) < 1e-4
+
+
+def test_the_warm_start_sets_a_previous_token_head_and_an_induction_head_and_nothing_else():
+    """Before any training, the warm start alone gives L0H0 a previous-token score and L1H0 an induction score
+    near 1 on repeated random tokens (Olsson et al.'s tests), while the other heads stay at chance; the weights it
+    leaves alone are bit-identical to the plain build's."""
+    from circuits.models.build import build
+    from circuits.models.zoo_pycode import INDUCTION_SPEC, warm_start_induction_circuit
+
+    plain, model = build(INDUCTION_SPEC, seed=0), build(INDUCTION_SPEC, seed=0)
+    warm_start_induction_circuit(model)
+    rand = repeated_random_tokens(32, 30, INDUCTION_SPEC.d_vocab - 1, bos=INDUCTION_SPEC.d_vocab - 1,
+                                  generator=_gen())
+    prev, ind = previous_token_scores(model, rand).values, induction_scores(model, rand, 30).values
+    assert float(prev[0, 0]) > 0.9 and float(ind[1, 0]) > 0.9
+    others = torch.ones(2, 4, dtype=torch.bool)
+    others[0, 0] = others[1, 0] = False
+    assert float(prev[others].max()) < 0.2 and float(ind[others].max()) < 0.2
+    before, after = plain.state_dict(), model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    warm = {"embed.weight", "pos_embed.weight", "blocks.1.attn.q.weight", "blocks.1.attn.k.weight"}
+    warm |= {f"blocks.0.attn.{p}.weight" for p in "qkvo"}
+    assert changed == warm
+    d_head = INDUCTION_SPEC.d_head  # the other heads' rows (q, k, v: [head · d_head, d_model]) and columns (o)
+    for name in warm - {"embed.weight", "pos_embed.weight", "blocks.0.attn.o.weight"}:
+        assert torch.equal(before[name][d_head:], after[name][d_head:]), name
+    assert torch.equal(before["blocks.0.attn.o.weight"][:, d_head:], after["blocks.0.attn.o.weight"][:, d_head:])
+
+
+def test_regenerate_runs_the_recipes_init_on_the_built_model_before_training(tmp_path):
+    from circuits.models.build import ModelSpec
+    from circuits.models.zoo_recipes import Recipe, regenerate
+
+    seen = []
+
+    def init(model):
+        seen.append(float(model.original_model.pos.weight.detach().abs().sum()))
+        with torch.no_grad():
+            model.original_model.pos.weight.zero_()
+
+    r = Recipe(name="tiny", summary="s", spec=ModelSpec(1, 16, 2, 8, d_vocab=10, n_ctx=8), steps=1, lr=1e-9,
+               batch_size=2, make_data=lambda: (torch.randint(0, 10, (4, 8), generator=_gen()), None),
+               measure=lambda m: {"heldout_loss": 0.0, "heldout_loss_definition": "d", "contains": []},
+               data={"description": "d"}, init=init)
+    regenerate(r, tmp_path, progress=False)
+    trained = load(tmp_path / "tiny").original_model.pos.weight
+    assert len(seen) == 1 and seen[0] > 0
+    assert float(trained.detach().abs().max()) < 1e-6  # zeroed by init, then one step of lr 1e-9

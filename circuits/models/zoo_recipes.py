@@ -45,6 +45,9 @@ class Recipe:
     weight_decay: float = 0.0
     threads: int = 1
     notes: list[str] = field(default_factory=list)
+    init: Callable[[TransformerBridge], None] | None = None
+    """Run on the freshly built model before training (in place): a warm start of some weights, which the
+    recipe's data description states."""
     extras: Callable[[TransformerBridge, Path], dict] | None = None
     """Run after the checkpoint is saved, with the model and its folder: writes further files there (a tuned
     lens) and returns more card fields (merged into the card, with "contains" lines appended)."""
@@ -64,6 +67,8 @@ def regenerate(r: Recipe, out_dir: str | Path, *, progress: bool = True) -> dict
     torch.manual_seed(r.seed)
     data, tokenizer = r.make_data()
     model = build(r.spec, seed=r.seed)
+    if r.init is not None:
+        r.init(model)
     if tokenizer is not None:
         model.bpe = tokenizer
     start = time.perf_counter()

@@ -31,6 +31,7 @@ from bench.conftest import FULL, assert_equal_outputs
 from circuits.activations import activation_patch, attribution_patch
 from circuits.models import attn_only, random_gpt2
 from circuits.tasks import induction_task
+from tests.helpers import scale_matrices
 
 SUFFIX = "-gpt2small" if FULL else "-small"
 D_VOCAB = 1000 if FULL else 64
@@ -182,12 +183,7 @@ def llama_model():
 
     shape = dict(n_layers=4, d_model=256, n_heads=8, n_kv_heads=2, d_mlp=512) if FULL else \
         dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128)
-    model = random_llama(**shape, d_vocab=D_VOCAB, n_ctx=32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(6)
-    return model
+    return scale_matrices(random_llama(**shape, d_vocab=D_VOCAB, n_ctx=32), 6)
 
 
 @pytest.mark.parametrize("site", ["z", "resid_pre"])

@@ -24,7 +24,7 @@ from circuits.graph.metric import resolve_metric
 from circuits.graph.patching import EdgePatcher
 from circuits.models import random_gpt2, random_llama
 from circuits.tasks import induction_task
-from tests.helpers import reference_acdc
+from tests.helpers import reference_acdc, scale_matrices
 
 L, H, D, BATCH, HALF = (4, 8, 128, 16, 12) if FULL else (2, 4, 32, 4, 6)
 VOCAB = 64
@@ -34,11 +34,7 @@ SUFFIX = "-full" if FULL else "-short"
 def _scaled(model):
     """The model with its matrices 4× their initial scale: at std 0.02 a random model's output barely depends on
     its input (the fully ablated model's KL from the clean one is below 1e-6), so no threshold separates edges."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(4)
-    return model
+    return scale_matrices(model, 4)
 
 
 BUILDERS = {

@@ -9,6 +9,16 @@ from circuits.graph.metric import resolve_metric
 from circuits.graph.patching import EdgePatcher
 
 
+def scale_matrices(model, factor: float):
+    """`model` with every 2-D parameter (the weight matrices) multiplied by `factor`, in place: at the init std of
+    0.02 a random Hugging Face model's output barely depends on its input, so patches move the metric near rounding."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(factor)
+    return model
+
+
 def perturb_norms_and_biases(model, seed: int = 0) -> None:
     """Give LayerNorm weights/biases and every bias non-trivial values (init leaves them 1 and 0), in place."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from helpers import perturb_norms_and_biases
+from helpers import perturb_norms_and_biases, scale_matrices
 from transformer_lens import TransformerBridge
 from transformer_lens.config import TransformerBridgeConfig
 
@@ -24,11 +24,7 @@ SHAPE = dict(n_layers=2, d_model=16, n_heads=4, d_vocab=24, n_ctx=20)
 
 def _scaled(model: TransformerBridge, factor: float = 6.0) -> TransformerBridge:
     """Matrices `factor`× their initial scale, so that patches move the metric well above rounding."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(factor)
-    return model
+    return scale_matrices(model, factor)
 
 
 def _native(**cfg) -> TransformerBridge:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturb_norms_and_biases, reference_acdc
+from helpers import perturb_norms_and_biases, reference_acdc, scale_matrices
 from transformer_lens import TransformerBridge
 from transformer_lens.config import TransformerBridgeConfig
 
@@ -36,11 +36,7 @@ def native(seed: int = 0, **cfg) -> TransformerBridge:
 def scaled(model: TransformerBridge) -> TransformerBridge:
     """The model with its matrices 8× their initial scale (GPT-2's and GPT-NeoX's std 0.02 leaves attention
     nearly uniform and some removals' effects near rounding)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8)
-    return model
+    return scale_matrices(model, 8)
 
 
 BUILDERS = {

@@ -10,7 +10,6 @@ keep and where the head axis sits (`heads_at`).
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -84,8 +83,7 @@ def forward(w: Weights, resid: Float[Tensor, "*lead pos d_model"], *, record: Co
         if "resid_pre" in keep:
             acts["resid_pre"].append(resid)
         xn = w.ln1.at(layer)(resid)
-        W_qkv, b_qkv = _qkv_weights(w)
-        qkv = torch.addmm(b_qkv[layer], xn.reshape(-1, D), W_qkv[layer]).view(*lead, P, H + 2 * Hkv, E)
+        qkv = torch.addmm(w.b_QKV[layer], xn.reshape(-1, D), w.W_QKV[layer]).view(*lead, P, H + 2 * Hkv, E)
         q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)  # [*lead, pos, head, d_head] views of the one product
         for name, t in (("q", q), ("k", k), ("v", v)):
             if name in keep:
@@ -145,19 +143,6 @@ def forward(w: Weights, resid: Float[Tensor, "*lead pos d_model"], *, record: Co
                 acts["mlp_out"].append(torch.zeros_like(mid))
             resid = mid
     return Record(acts, resid)
-
-
-_QKV: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _qkv_weights(w: Weights) -> tuple[Float[Tensor, "layer d_model qkv"], Float[Tensor, "layer qkv"]]:
-    """The queries', keys' and values' weights side by side ([d_model, (head + 2 kv_head) · d_head] per layer,
-    heads inner), so that one product gives all three, as the model computes them; kept per `Weights`."""
-    if w not in _QKV:
-        L, _, D, E = w.W_Q.shape
-        W = torch.cat([w.W_Q, w.W_K, w.W_V], 1).permute(0, 2, 1, 3).reshape(L, D, -1)
-        _QKV[w] = (W, torch.cat([w.b_Q, w.b_K, w.b_V], 1).reshape(L, -1))
-    return _QKV[w]
 
 
 def _expand(w: Weights, t: Tensor, axis: int) -> Tensor:

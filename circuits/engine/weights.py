@@ -175,6 +175,17 @@ class Weights:
         return out
 
     @functools.cached_property
+    def W_QKV(self) -> Float[Tensor, "layer d_model qkv"]:
+        """Queries', keys' and values' weights side by side ([d_model, (head + 2 kv_head) · d_head] per layer,
+        heads inner), so that one product gives all three, as the model computes them."""
+        L, _, m, d = self.W_Q.shape
+        return torch.cat([self.W_Q, self.W_K, self.W_V], 1).permute(0, 2, 1, 3).reshape(L, m, -1)
+
+    @functools.cached_property
+    def b_QKV(self) -> Float[Tensor, "layer qkv"]:
+        return torch.cat([self.b_Q, self.b_K, self.b_V], 1).flatten(1)
+
+    @functools.cached_property
     def W_KV(self) -> Float[Tensor, "layer d_model kv_head_d"]:
         """Keys' and values' weights side by side ([d_model, 2 · kv_head · d_head] per layer), for one product."""
         L, H, m, d = self.W_K.shape

@@ -1,7 +1,10 @@
-"""SHA-256 digests of a model's weights and of a task's data: what identifies a run (a sweep's key, an ACDC
-checkpoint's description). Neutral ground, so that `graph` and `sweep` both use it without importing each other."""
+"""SHA-256 digests of a model's weights, of a task's data and of a JSON entry: what identifies a run (a sweep's
+key, an ACDC checkpoint's description) and what verifies a stored entry (its checksum). Neutral ground, so that
+`graph` and `sweep` both use it without importing each other."""
 
 import hashlib
+import json
+from typing import Any
 
 import torch
 from transformer_lens import TransformerBridge
@@ -42,3 +45,14 @@ def _config_items(model: TransformerBridge) -> list[tuple[str, str]]:
     names = ("n_layers", "n_heads", "d_model", "d_head", "d_vocab", "n_ctx", "attn_only", "act_fn",
              "normalization_type", "positional_embedding_type")
     return [(n, repr(getattr(cfg, n, None))) for n in names]
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no spaces: the text that is hashed."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def entry_checksum(entry: dict[str, Any]) -> str:
+    """SHA-256 of a stored JSON entry's canonical text, its own `checksum` field left out."""
+    body = {k: v for k, v in entry.items() if k != "checksum"}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()

@@ -14,7 +14,6 @@ stored: a resumed walk recomputes it from the mask by one patched forward.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import uuid
@@ -26,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuits.digest import task_digest, weights_digest
+from circuits.digest import entry_checksum, task_digest, weights_digest
 
 FORMAT = 1
 
@@ -42,7 +41,7 @@ def write_checkpoint(path: str | os.PathLike[str], description: dict[str, Any], 
     """Replace the checkpoint at `path` by this one, atomically (temporary file, fsync, rename, folder fsync)."""
     path = Path(path)
     entry: dict[str, Any] = dict(format=FORMAT, description=description, state=state)
-    entry["checksum"] = _checksum(entry)
+    entry["checksum"] = entry_checksum(entry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -70,7 +69,7 @@ def read_checkpoint(path: str | os.PathLike[str], description: dict[str, Any]) -
         entry = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"checkpoint {str(path)!r}: unreadable ({e}); delete it to start afresh") from None
-    if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("checksum") != _checksum(entry):
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("checksum") != entry_checksum(entry):
         raise ValueError(f"checkpoint {str(path)!r}: not an ACDC checkpoint of format {FORMAT}, or damaged (its "
                          "checksum does not match); delete it to start afresh")
     theirs = entry["description"]
@@ -104,8 +103,3 @@ def encode_values(values: Float[Tensor, "..."]) -> dict[str, Any]:
 def decode_values(value: dict[str, Any]) -> Float[Tensor, "..."]:
     array = np.frombuffer(base64.b64decode(value["data"]), dtype=np.dtype(value["dtype"]))
     return torch.from_numpy(array.reshape(tuple(value["shape"])).copy())
-
-
-def _checksum(entry: dict[str, Any]) -> str:
-    body = {k: v for k, v in entry.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

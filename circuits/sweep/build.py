@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable
 import torch
 from transformer_lens import TransformerBridge
 
-from circuits.digest import weights_digest
+from circuits.digest import canonical_json, weights_digest
 from circuits.graph.circuit import Circuit
 from circuits.graph.nodes import ComputeGraph
-from circuits.sweep.grid import ModelEntry, TaskEntry, canonical_json
+from circuits.sweep.grid import ModelEntry, TaskEntry
 from circuits.tasks.task import Task
 
 _MODEL_BUILDERS: dict[str, Callable[..., TransformerBridge]] = {}

@@ -8,7 +8,6 @@ digests and the library versions (see `circuits.sweep.store`).
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,11 +198,6 @@ def load_toml(path: str | Path) -> tuple[Sweep, dict[str, Any]]:
         data = tomllib.load(f)
     _known_keys(data, {"seeds", "imports", "run", "models", "tasks", "methods"}, "the sweep file")
     return Sweep.from_dict(data), dict(data.get("run", {}))
-
-
-def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no spaces: the text that is hashed."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
 
 
 def _callable_name(f: str | Callable[..., Any] | None) -> str | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits.sweep.grid import canonical_json
+from circuits.digest import canonical_json, entry_checksum
 
 FORMAT = 1
 TMP_PREFIX = ".tmp."
@@ -30,11 +30,6 @@ TMP_PREFIX = ".tmp."
 def run_key(identity: dict[str, Any]) -> str:
     """The 64-hex-digit key of a run: SHA-256 of its identity's canonical JSON."""
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
-
-
-def checksum(entry: dict[str, Any]) -> str:
-    body = {k: v for k, v in entry.items() if k != "checksum"}
-    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ class Store:
             return None
         if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
             return None
-        if entry.get("checksum") != checksum(entry):
+        if entry.get("checksum") != entry_checksum(entry):
             return None
         if run_key(entry.get("identity")) != key:
             return None
@@ -76,7 +71,7 @@ class Store:
         if run_key(entry["identity"]) != key:
             raise ValueError("entry: its key is not the hash of its identity")
         entry = {**entry, "format": FORMAT}
-        entry["checksum"] = checksum(entry)
+        entry["checksum"] = entry_checksum(entry)
         self.runs.mkdir(parents=True, exist_ok=True)
         tmp = self.runs / f"{TMP_PREFIX}{key}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}"
         data = (json.dumps(entry, allow_nan=True) + "\n").encode()

@@ -76,13 +76,24 @@ def _seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def against_goal(row: dict) -> str:
+    """What a row whose reference is a unit of cost, not a competing implementation, measures against its goal:
+    EAP in forward-equivalents against its budget (`forward_equivalents`, `budget`), or a stated `goal`."""
+    extra = row.get("extra", {})
+    if "forward_equivalents" in extra:
+        return f"{extra['forward_equivalents']:.1f} forwards (budget {extra['budget']})"
+    if "goal" in extra:
+        return f"{1 / row['ratio']:.2f}× the reference (goal {extra['goal']})"
+    return ""
+
+
 def markdown(rows: list[dict], machine: str, date: str) -> str:
     lines = [f"Measured {date} on {machine} (`python -m bench.table --readme README.md`; medians).", "",
-             "| benchmark | ours | reference | ratio (reference / ours) | peak MiB ours / reference |",
-             "|---|---:|---:|---:|---:|"]
+             "| benchmark | ours | reference | ratio (reference / ours) | peak MiB ours / reference | against its goal |",
+             "|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['benchmark']} | {_seconds(r['ours_s'])} | {_seconds(r['reference_s'])} | "
-                     f"{r['ratio']:.1f}× | {r['ours_peak_mib']} / {r['reference_peak_mib']} |")
+                     f"{r['ratio']:.1f}× | {r['ours_peak_mib']} / {r['reference_peak_mib']} | {against_goal(r)} |")
     return "\n".join(lines)
 
 

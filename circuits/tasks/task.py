@@ -149,8 +149,14 @@ def kl_terms(logits_at: Float[Tensor, "*lead vocab"], clean_at: Float[Tensor, ".
     (a token whose clean probability underflows still counts) and by the series of e^d − 1 − d below. Where some
     p_v e^{d_v} exceeds e^60 the KL is at least 60 and is read as logsumexp(log p + d) − r.
     `clean_logprobs` = log_softmax(clean_at), for a caller that scores many runs against one clean run.
+    Without a gradient to record (many runs scored at a large vocabulary, as ACDC does), the same terms are
+    computed a block of rows at a time in reused buffers (`_kl_terms_blocked`).
     Example: `kl_terms(logits_at, clean_at)` ([batch, n] for [batch, n, vocab] inputs)"""
     log_p = clean_at.log_softmax(-1) if clean_logprobs is None else clean_logprobs
+    recording = torch.is_grad_enabled() and (logits_at.requires_grad or clean_at.requires_grad)
+    lead = logits_at.shape[: logits_at.dim() - clean_at.dim()]
+    if not recording and logits_at.shape[len(lead):] == clean_at.shape and logits_at.dtype == clean_at.dtype:
+        return _kl_terms_blocked(logits_at, clean_at, log_p)
     p = log_p.exp()
     d = logits_at - clean_at
     # shift exactly by the change at the clean run's mode first, so a constant shift gives d = 0 bit for bit
@@ -168,6 +174,47 @@ def kl_terms(logits_at: Float[Tensor, "*lead vocab"], clean_at: Float[Tensor, ".
     return kl.clamp_min(0)
 
 
+_BLOCK_FLOATS = 2**18  # a block of rows that the blocked KL's buffers keep in cache
+
+
+def _kl_terms_blocked(logits_at: Float[Tensor, "*lead *rows vocab"], clean_at: Float[Tensor, "*rows vocab"],
+                      log_p: Float[Tensor, "*rows vocab"]) -> Float[Tensor, "*lead *rows"]:
+    """`kl_terms` without autograd, for logits whose trailing axes are the clean logits' own: the same formula a
+    block of rows at a time, in place in buffers that stay in cache. The series runs on every term; the exact
+    branch (|d| ≥ 1/2) and the overflow branch only on the terms and rows that need them."""
+    vocab = clean_at.shape[-1]
+    rows = clean_at.numel() // vocab
+    flat = logits_at.reshape(-1, rows, vocab)
+    clean, lp = clean_at.reshape(rows, vocab), log_p.reshape(rows, vocab)
+    p = lp.exp()
+    mode = lp.argmax(-1, keepdim=True)
+    out = torch.empty(flat.shape[:2], dtype=flat.dtype, device=flat.device)
+    block = max(1, min(rows, _BLOCK_FLOATS // vocab))
+    d = torch.empty(block, vocab, dtype=flat.dtype, device=flat.device)
+    t, s = torch.empty_like(d), torch.empty_like(d)
+    for k in range(flat.shape[0]):
+        for start in range(0, rows, block):
+            stop = min(rows, start + block)
+            n = stop - start
+            dk, tk, sk, pk, lpk = d[:n], t[:n], s[:n], p[start:stop], lp[start:stop]
+            torch.sub(flat[k, start:stop], clean[start:stop], out=dk)
+            dk.sub_(dk.gather(-1, mode[start:stop]))
+            dk.sub_(torch.mul(pk, dk, out=tk).sum(-1, keepdim=True))
+            r = torch.mul(pk, dk, out=tk).sum(-1)
+            _exp_excess_into(sk, torch.clamp(dk, -_SERIES, _SERIES, out=tk)).mul_(pk)
+            far = (dk.abs() >= _SERIES).nonzero(as_tuple=True)
+            large = torch.zeros(n, dtype=torch.bool, device=flat.device)
+            if far[0].numel():
+                x = lpk[far] + dk[far]  # log(p e^d)
+                sk[far] = x.clamp(max=_LOG_LARGE).exp() - pk[far] * (1 + dk[far])
+                large[far[0][x > _LOG_LARGE]] = True
+            kl = (r + sk.sum(-1)).log1p() - r
+            if bool(large.any()):
+                kl = torch.where(large, (lpk + dk).logsumexp(-1) - r, kl)
+            out[k, start:stop] = kl.clamp_min(0)
+    return out.reshape(logits_at.shape[:-1])
+
+
 _SERIES = 0.5  # |d| below which e^d − 1 − d is summed as its series (no cancellation)
 _LOG_LARGE = 60.0  # past log(p e^d) = 60 the KL exceeds 60 and logsumexp is exact to relative rounding
 
@@ -178,6 +225,14 @@ def _exp_excess(d: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     for k in range(7, 1, -1):
         acc = acc * d + 1 / math.factorial(k)
     return acc * d * d
+
+
+def _exp_excess_into(acc: Float[Tensor, "..."], d: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """`_exp_excess(d)` written into `acc` (the same operations in the same order, without allocating)."""
+    acc.fill_(1 / math.factorial(8))
+    for k in range(7, 1, -1):
+        acc.mul_(d).add_(1 / math.factorial(k))
+    return acc.mul_(d).mul_(d)
 
 
 def _gather(x: Float[Tensor, "*lead batch n vocab"], idx: Int[Tensor, "..."]) -> Float[Tensor, "*lead batch n"]:

@@ -89,7 +89,8 @@ def against_goal(row: dict) -> str:
 
 def markdown(rows: list[dict], machine: str, date: str) -> str:
     lines = [f"Measured {date} on {machine} (`python -m bench.table --readme README.md`; medians).", "",
-             "| benchmark | ours | reference | ratio (reference / ours) | peak MiB ours / reference | against its goal |",
+             "| benchmark | ours | reference | ratio (reference / ours) | peak MiB ours / reference "
+             "| against its goal |",
              "|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['benchmark']} | {_seconds(r['ours_s'])} | {_seconds(r['reference_s'])} | "

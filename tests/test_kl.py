@@ -74,14 +74,15 @@ def test_kl_is_zero_for_a_constant_shift_and_identical_logits(path):
     assert (_terms(clean + 7.0, clean, path) <= RTOL * 1e-6).all()
 
 
+@pytest.mark.parametrize("block", [3 * 50, 2 * 7 * 50])  # 3 rows of one run (the last block partial); 2 runs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_blocked_kl_equals_the_recorded_one_bit_for_bit(dtype, monkeypatch):
+def test_blocked_kl_equals_the_recorded_one_bit_for_bit(dtype, block, monkeypatch):
     """The two computations are the same operations on each term: equal bit for bit, over runs scored against
     one clean run (a leading axis), blocks that split the rows, terms on both sides of the series' range, and
     rows past the overflow bound (KL > 60)."""
     import circuits.tasks.task as task_module
 
-    monkeypatch.setattr(task_module, "_BLOCK_FLOATS", 3 * 50)  # blocks of 3 rows: 7 rows end in a partial one
+    monkeypatch.setattr(task_module, "_BLOCK_FLOATS", block)
     gen = torch.Generator().manual_seed(5)
     clean = (torch.randn(7, 50, generator=gen) * 6).to(dtype)
     patched = clean + torch.randn(4, 7, 50, generator=gen, dtype=dtype) * torch.tensor([1e-4, 0.05, 0.7, 3.0],

@@ -174,14 +174,15 @@ def kl_terms(logits_at: Float[Tensor, "*lead vocab"], clean_at: Float[Tensor, ".
     return kl.clamp_min(0)
 
 
-_BLOCK_FLOATS = 2**18  # a block of rows that the blocked KL's buffers keep in cache
+_BLOCK_FLOATS = 2**19  # the terms of one block: its buffers stay in cache
 
 
 def _kl_terms_blocked(logits_at: Float[Tensor, "*lead *rows vocab"], clean_at: Float[Tensor, "*rows vocab"],
                       log_p: Float[Tensor, "*rows vocab"]) -> Float[Tensor, "*lead *rows"]:
     """`kl_terms` without autograd, for logits whose trailing axes are the clean logits' own: the same formula a
-    block of rows at a time, in place in buffers that stay in cache. The series runs on every term; the exact
-    branch (|d| ≥ 1/2) and the overflow branch only on the terms and rows that need them."""
+    block at a time (several runs' rows at a small vocabulary, part of one run's at a large one), in place in
+    buffers that stay in cache. The series runs on every term; the exact branch (|d| ≥ 1/2) and the overflow
+    branch only on the terms and rows that need them."""
     vocab = clean_at.shape[-1]
     rows = clean_at.numel() // vocab
     flat = logits_at.reshape(-1, rows, vocab)
@@ -189,29 +190,32 @@ def _kl_terms_blocked(logits_at: Float[Tensor, "*lead *rows vocab"], clean_at: F
     p = lp.exp()
     mode = lp.argmax(-1, keepdim=True)
     out = torch.empty(flat.shape[:2], dtype=flat.dtype, device=flat.device)
-    block = max(1, min(rows, _BLOCK_FLOATS // vocab))
-    d = torch.empty(block, vocab, dtype=flat.dtype, device=flat.device)
+    row_block = max(1, min(rows, _BLOCK_FLOATS // vocab))
+    run_block = max(1, _BLOCK_FLOATS // (rows * vocab)) if row_block == rows else 1
+    d = torch.empty(run_block, row_block, vocab, dtype=flat.dtype, device=flat.device)
     t, s = torch.empty_like(d), torch.empty_like(d)
-    for k in range(flat.shape[0]):
-        for start in range(0, rows, block):
-            stop = min(rows, start + block)
-            n = stop - start
-            dk, tk, sk, pk, lpk = d[:n], t[:n], s[:n], p[start:stop], lp[start:stop]
-            torch.sub(flat[k, start:stop], clean[start:stop], out=dk)
-            dk.sub_(dk.gather(-1, mode[start:stop]))
+    for k0 in range(0, flat.shape[0], run_block):
+        k1 = min(flat.shape[0], k0 + run_block)
+        for r0 in range(0, rows, row_block):
+            r1 = min(rows, r0 + row_block)
+            dk, tk, sk = d[: k1 - k0, : r1 - r0], t[: k1 - k0, : r1 - r0], s[: k1 - k0, : r1 - r0]
+            pk, lpk = p[r0:r1], lp[r0:r1]
+            torch.sub(flat[k0:k1, r0:r1], clean[r0:r1], out=dk)
+            dk.sub_(dk.gather(-1, mode[r0:r1].expand(k1 - k0, -1, -1)))
             dk.sub_(torch.mul(pk, dk, out=tk).sum(-1, keepdim=True))
             r = torch.mul(pk, dk, out=tk).sum(-1)
             _exp_excess_into(sk, torch.clamp(dk, -_SERIES, _SERIES, out=tk)).mul_(pk)
             far = (dk.abs() >= _SERIES).nonzero(as_tuple=True)
-            large = torch.zeros(n, dtype=torch.bool, device=flat.device)
+            large = torch.zeros(dk.shape[:2], dtype=torch.bool, device=flat.device)
             if far[0].numel():
-                x = lpk[far] + dk[far]  # log(p e^d)
-                sk[far] = x.clamp(max=_LOG_LARGE).exp() - pk[far] * (1 + dk[far])
-                large[far[0][x > _LOG_LARGE]] = True
+                x = lpk[far[1:]] + dk[far]  # log(p e^d)
+                sk[far] = x.clamp(max=_LOG_LARGE).exp() - pk[far[1:]] * (1 + dk[far])
+                beyond = x > _LOG_LARGE
+                large[far[0][beyond], far[1][beyond]] = True
             kl = (r + sk.sum(-1)).log1p() - r
             if bool(large.any()):
                 kl = torch.where(large, (lpk + dk).logsumexp(-1) - r, kl)
-            out[k, start:stop] = kl.clamp_min(0)
+            out[k0:k1, r0:r1] = kl.clamp_min(0)
     return out.reshape(logits_at.shape[:-1])
 
 

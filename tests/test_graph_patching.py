@@ -151,6 +151,58 @@ def test_incremental_column_equals_full_runs(request, task24, model_name, ablati
         assert ((evaluate_column(p, state, d, columns) - full).abs().max() / scale) < 1e-5
 
 
+def dense_mask(g: ComputeGraph) -> torch.Tensor:
+    """Every edge but a few: the edges from the first head of the second-to-last layer into the last layer's k
+    inputs, and 3% at random. Most of a layer's inputs then keep the same edges (alike), and the inputs a
+    change reaches cut few of the changed sources (read as the total change minus the cut ones)."""
+    mask = g.valid & (torch.rand(g.valid.shape, generator=torch.Generator().manual_seed(4)) > 0.03)
+    last = g.n_layers - 1
+    src = g.source_names.index(f"L{last - 1}H0")
+    for d, node in enumerate(g.destinations):
+        if node.layer == last and node.qkv == "k":
+            mask[src, d] = False
+    return mask
+
+
+@pytest.mark.parametrize("model_name", ["mlp3", "llama"])
+def test_incremental_column_on_a_dense_circuit_equals_full_runs(request, task24, model_name, monkeypatch):
+    """On a dense circuit the incremental evaluation shares the input of alike destinations, projects a layer's
+    new inputs with one product per distinct input, and forms inputs as the total change minus the cut
+    sources; the logits equal full patched runs (the same tolerance as any circuit's)."""
+    from circuits.graph import incremental
+    from circuits.models.random_hf import random_llama
+
+    model = (random_llama(n_layers=3, d_model=16, n_heads=4, n_kv_heads=2, d_vocab=24, n_ctx=20, d_mlp=32)
+             if model_name == "llama" else request.getfixturevalue(model_name))
+    p = EdgePatcher(model, task24, "resample")
+    g = p.graph
+    used = {"total": 0, "cut": 0, "grouped": 0}
+    from_total, qkv_columns = incremental._Propagation.input_from_total, EdgePatcher.qkv_columns
+
+    def spy_total(self, dst, at, cut):
+        used["total"] += 1
+        used["cut"] += len(cut) > 0
+        return from_total(self, dst, at, cut)
+
+    def spy_columns(self, layer, heads):
+        used["grouped"] += len(heads) > 1
+        return qkv_columns(self, layer, heads)
+
+    monkeypatch.setattr(incremental._Propagation, "input_from_total", spy_total)
+    monkeypatch.setattr(EdgePatcher, "qkv_columns", spy_columns)
+    mask = dense_mask(g)
+    state = circuit_state(p, mask)
+    gen = torch.Generator().manual_seed(5)
+    for d in range(g.n_destinations):
+        columns = mask[:, d][None].repeat(3, 1) & (torch.rand(3, g.n_sources, generator=gen) < 0.8)
+        masks = mask[None].repeat(3, 1, 1)
+        masks[:, :, d] = columns
+        full = p.run(masks)
+        scale = full.abs().max().clamp(min=1.0)
+        assert ((evaluate_column(p, state, d, columns) - full).abs().max() / scale) < 1e-5
+    assert used["total"] > 0 and used["cut"] > 0 and used["grouped"] > 0
+
+
 @pytest.mark.parametrize("model_name", ["tiny2", "mlp3"])
 def test_committed_state_equals_full_forward(request, task24, model_name):
     """A chain of incremental commits (from the logits back, as ACDC makes them) equals a full forward of the

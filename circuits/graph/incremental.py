@@ -74,14 +74,25 @@ class CircuitState:
 
 
 def circuit_state(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
-    """The run of one circuit by a full patched forward. Example: `circuit_state(p, p.graph.valid)`"""
+    """The run of one circuit by a full patched forward (the full circuit's is the clean run, copied).
+    Example: `circuit_state(p, p.graph.valid)`"""
     mask = patcher._check_masks(mask[None])[0]
+    if torch.equal(mask, patcher.graph.valid.to(mask.device)):
+        return clean_state(patcher)
     with torch.no_grad():
         run = patcher.forward(patcher.embed(patcher.task.clean), mask[None], keep=True)
     sources, inputs = run.sources[0], run.inputs[0]
     pos = patcher.positions
     return CircuitState(mask.clone(), sources, inputs, logits_read(patcher, run.logits[0]), sources[..., pos, :],
                         inputs[..., pos, :])
+
+
+def clean_state(patcher: EdgePatcher) -> CircuitState:
+    """The state of the full circuit: the patcher's clean run (copied, since ACDC updates its state in place)."""
+    sources, inputs = patcher.clean_sources.clone(), patcher.clean_inputs()
+    pos = patcher.positions
+    return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs,
+                        logits_read(patcher, patcher.clean_logits), sources[..., pos, :], inputs[..., pos, :])
 
 
 def unembed_columns(patcher: EdgePatcher, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead c"]:

@@ -60,7 +60,6 @@ from circuits.graph.incremental import (
     clean_state,
     commit_evaluated,
     evaluate_columns,
-    logits_read,
     seed_terms,
 )
 from circuits.graph.metric import GraphMetric, resolve_metric

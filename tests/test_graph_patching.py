@@ -141,10 +141,17 @@ def test_incremental_column_equals_full_runs(request, task24, model_name, ablati
     gen = torch.Generator().manual_seed(0)
     g = p.graph
     mask = g.valid & (torch.rand(g.valid.shape, generator=gen) < 0.7)
+    assert_columns_equal_full_runs(p, mask, 4, 0.6, gen)
+
+
+def assert_columns_equal_full_runs(p: EdgePatcher, mask: torch.Tensor, k: int, keep: float, gen: torch.Generator):
+    """For every destination, k random candidate columns (each edge of the circuit kept with probability `keep`)
+    evaluated incrementally from the circuit's state equal full patched runs of the whole masks."""
+    g = p.graph
     state = circuit_state(p, mask)
     for d in range(g.n_destinations):
-        columns = mask[:, d][None].repeat(4, 1) & (torch.rand(4, g.n_sources, generator=gen) < 0.6)
-        masks = mask[None].repeat(4, 1, 1)
+        columns = mask[:, d][None].repeat(k, 1) & (torch.rand(k, g.n_sources, generator=gen) < keep)
+        masks = mask[None].repeat(k, 1, 1)
         masks[:, :, d] = columns
         full = p.run(masks)
         scale = full.abs().max().clamp(min=1.0)
@@ -190,16 +197,7 @@ def test_incremental_column_on_a_dense_circuit_equals_full_runs(request, task24,
 
     monkeypatch.setattr(incremental._Propagation, "input_from_total", spy_total)
     monkeypatch.setattr(EdgePatcher, "qkv_columns", spy_columns)
-    mask = dense_mask(g)
-    state = circuit_state(p, mask)
-    gen = torch.Generator().manual_seed(5)
-    for d in range(g.n_destinations):
-        columns = mask[:, d][None].repeat(3, 1) & (torch.rand(3, g.n_sources, generator=gen) < 0.8)
-        masks = mask[None].repeat(3, 1, 1)
-        masks[:, :, d] = columns
-        full = p.run(masks)
-        scale = full.abs().max().clamp(min=1.0)
-        assert ((evaluate_column(p, state, d, columns) - full).abs().max() / scale) < 1e-5
+    assert_columns_equal_full_runs(p, dense_mask(g), 3, 0.8, torch.Generator().manual_seed(5))
     assert used["total"] > 0 and used["cut"] > 0 and used["grouped"] > 0
 
 

@@ -9,6 +9,8 @@ assert the same decisions):
   layer 1 that the walk evaluates (each reads ~15 sources; what its candidates reach above is the sparse circuit
   the walk has left there). `extra_info` of ours records the WHOLE walk: its time, peak memory, edges kept,
   circuits evaluated and batched calls, and the plain algorithm's forward count for it.
+- `graph-acdc-walk-1e-4-sample-gpt2small`: threshold 1e-4, a denser circuit; `extra_info` of ours records the
+  WHOLE walk as above; the sample is the first two layer-1 destinations that walk evaluates.
 - `graph-acdc-dense-above-gpt2small`: the worst reach: destination L1H0.q with the full circuit above it and
   threshold 1e-9 (every edge that carries a difference stays), so each of its 15 candidates recomputes every
   layer above; the peak memory of this row is the bound of goal 1 at its largest reach.
@@ -34,6 +36,7 @@ from tests.helpers import reference_acdc
 pytestmark = pytest.mark.skipif(not FULL, reason="full benchmark only (BENCH_FULL=1)")
 acdc_module = importlib.import_module("circuits.graph.acdc")  # the package exports the function `acdc`
 SPARSE = 1e-3
+DENSER = 1e-4
 DENSE = 1e-9  # above float rounding of a KL near 0, below any edge that carries a difference
 _CACHE: dict[str, object] = {}
 
@@ -49,9 +52,10 @@ def task():
     return induction_task(8, 12, 1000, seed=0)  # 25 tokens
 
 
-def _whole_walk(model, task) -> dict:
-    """Ours on the whole sparse walk, once, recording the circuit before each destination it evaluates."""
-    if "whole" not in _CACHE:
+def _whole_walk(model, task, threshold=SPARSE) -> dict:
+    """Ours on the whole walk at `threshold`, once, recording the circuit before each destination it evaluates."""
+    key = f"whole-{threshold}"
+    if key not in _CACHE:
         before: dict[int, torch.Tensor] = {}
         evaluate = acdc_module._Walk.exact_destination
 
@@ -62,19 +66,28 @@ def _whole_walk(model, task) -> dict:
         acdc_module._Walk.exact_destination = spy
         try:
             start = time.perf_counter()
-            r, peak = peak_memory_mb(lambda: acdc(model, task, threshold=SPARSE, metric="kl", progress=False))
+            r, peak = peak_memory_mb(lambda: acdc(model, task, threshold=threshold, metric="kl", progress=False))
             seconds = time.perf_counter() - start
         finally:
             acdc_module._Walk.exact_destination = evaluate
         tested = int((~r.values.isnan()).sum())
-        _CACHE["whole"] = dict(result=r, before=before, seconds=seconds, peak=peak, tested=tested)
-    return _CACHE["whole"]
+        _CACHE[key] = dict(result=r, before=before, seconds=seconds, peak=peak, tested=tested)
+    return _CACHE[key]
 
 
-def _sample(model, task) -> list[int]:
+def _sample(model, task, threshold=SPARSE, most=None) -> list[int]:
     g = ComputeGraph.of(model)
-    walked = _whole_walk(model, task)["before"]
-    return sorted((d for d in walked if g.destinations[d].layer == 1), reverse=True)
+    walked = _whole_walk(model, task, threshold)["before"]
+    return sorted((d for d in walked if g.destinations[d].layer == 1), reverse=True)[:most]
+
+
+def _whole_walk_info(model, task, threshold, starts) -> dict:
+    """What `extra_info` of ours records: the sample, and the whole walk's time, peak, circuit and cost."""
+    whole = _whole_walk(model, task, threshold)
+    r = whole["result"]
+    return dict(sample=[r.circuit.graph.destination_names[d] for d in starts], whole_walk_s=round(whole["seconds"], 2),
+                whole_walk_peak_mib=round(whole["peak"], 1), n_edges=r.circuit.n_edges, n_forwards=r.n_forwards,
+                n_batches=r.info["n_batches"], plain_algorithm_forwards=whole["tested"] + 1)
 
 
 def _ours_on(model, task, threshold, starts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -100,29 +113,32 @@ def _reference_on(model, task, threshold, starts: dict[int, torch.Tensor]) -> di
     return out
 
 
-def _sparse_starts(model, task) -> dict[int, torch.Tensor]:
-    before = _whole_walk(model, task)["before"]
-    return {d: before[d] for d in _sample(model, task)}
+# the walks whose samples are timed: threshold, group, and how many of the layer-1 destinations (None: all)
+WALKS = {"sparse": (SPARSE, "graph-acdc-sparse-sample-gpt2small", None),
+         "denser": (DENSER, "graph-acdc-walk-1e-4-sample-gpt2small", 2)}
 
 
-def test_acdc_sparse_sample_ours(run_bench, benchmark, model, task):
-    whole = _whole_walk(model, task)
-    starts = _sparse_starts(model, task)
-    cols = run_bench(lambda: _ours_on(model, task, SPARSE, starts), group="graph-acdc-sparse-sample-gpt2small",
-                     side="ours", rounds=1)
-    r = whole["result"]
-    benchmark.extra_info.update(
-        sample=[r.circuit.graph.destination_names[d] for d in starts], whole_walk_s=round(whole["seconds"], 2),
-        whole_walk_peak_mib=round(whole["peak"], 1), n_edges=r.circuit.n_edges, n_forwards=r.n_forwards,
-        n_batches=r.info["n_batches"], plain_algorithm_forwards=whole["tested"] + 1)
-    _CACHE["sparse-ours"] = cols
+def _walk_starts(model, task, walk: str) -> dict[int, torch.Tensor]:
+    threshold, _, most = WALKS[walk]
+    before = _whole_walk(model, task, threshold)["before"]
+    return {d: before[d] for d in _sample(model, task, threshold, most)}
 
 
-def test_acdc_sparse_sample_reference(run_bench, model, task):
-    starts = _sparse_starts(model, task)
-    cols = run_bench(lambda: _reference_on(model, task, SPARSE, starts), group="graph-acdc-sparse-sample-gpt2small",
-                     side="reference", rounds=1)
-    ours = _CACHE.get("sparse-ours") or _ours_on(model, task, SPARSE, starts)
+@pytest.mark.parametrize("walk", list(WALKS))
+def test_acdc_walk_sample_ours(run_bench, benchmark, model, task, walk):
+    threshold, group, _ = WALKS[walk]
+    starts = _walk_starts(model, task, walk)
+    cols = run_bench(lambda: _ours_on(model, task, threshold, starts), group=group, side="ours", rounds=1)
+    benchmark.extra_info.update(_whole_walk_info(model, task, threshold, starts))
+    _CACHE[f"{walk}-ours"] = cols
+
+
+@pytest.mark.parametrize("walk", list(WALKS))
+def test_acdc_walk_sample_reference(run_bench, model, task, walk):
+    threshold, group, _ = WALKS[walk]
+    starts = _walk_starts(model, task, walk)
+    cols = run_bench(lambda: _reference_on(model, task, threshold, starts), group=group, side="reference", rounds=1)
+    ours = _CACHE.get(f"{walk}-ours") or _ours_on(model, task, threshold, starts)
     assert all(torch.equal(cols[d], ours[d]) for d in starts)
 
 

@@ -41,7 +41,10 @@ def test_exact_mode_equals_plain_algorithm_other_settings(tiny2, task24, thresho
     assert 0 < ours.circuit.n_edges < ComputeGraph.of(tiny2).n_edges
 
 
-@pytest.mark.parametrize("threshold,ablation", [(0.001, "resample"), (0.003, "zero"), (0.03, "zero")])
+# threshold 1e-9: a dense circuit (every edge that carries a difference stays), the incremental path that reads
+# alike inputs once and the total change minus the cut sources
+@pytest.mark.parametrize("threshold,ablation", [(0.001, "resample"), (0.003, "zero"), (0.03, "zero"),
+                                                (1e-9, "resample"), (1e-9, "zero")])
 def test_exact_mode_equals_plain_algorithm_with_mlps(task24, threshold, ablation):
     model = build(ModelSpec(2, 32, 2, 8, 24, 20, d_mlp=48, act_fn="gelu"), seed=5)
     ours = acdc(model, task24, metric="kl", threshold=threshold, ablation=ablation, progress=False)

@@ -141,14 +141,64 @@ def test_incremental_column_equals_full_runs(request, task24, model_name, ablati
     gen = torch.Generator().manual_seed(0)
     g = p.graph
     mask = g.valid & (torch.rand(g.valid.shape, generator=gen) < 0.7)
+    assert_columns_equal_full_runs(p, mask, 4, 0.6, gen)
+
+
+def assert_columns_equal_full_runs(p: EdgePatcher, mask: torch.Tensor, k: int, keep: float, gen: torch.Generator):
+    """For every destination, k random candidate columns (each edge of the circuit kept with probability `keep`)
+    evaluated incrementally from the circuit's state equal full patched runs of the whole masks."""
+    g = p.graph
     state = circuit_state(p, mask)
     for d in range(g.n_destinations):
-        columns = mask[:, d][None].repeat(4, 1) & (torch.rand(4, g.n_sources, generator=gen) < 0.6)
-        masks = mask[None].repeat(4, 1, 1)
+        columns = mask[:, d][None].repeat(k, 1) & (torch.rand(k, g.n_sources, generator=gen) < keep)
+        masks = mask[None].repeat(k, 1, 1)
         masks[:, :, d] = columns
         full = p.run(masks)
         scale = full.abs().max().clamp(min=1.0)
         assert ((evaluate_column(p, state, d, columns) - full).abs().max() / scale) < 1e-5
+
+
+def dense_mask(g: ComputeGraph) -> torch.Tensor:
+    """Every edge but a few: the edges from the first head of the second-to-last layer into the last layer's k
+    inputs, and 3% at random. Most of a layer's inputs then keep the same edges (alike), and the inputs a
+    change reaches cut few of the changed sources (read as the total change minus the cut ones)."""
+    mask = g.valid & (torch.rand(g.valid.shape, generator=torch.Generator().manual_seed(4)) > 0.03)
+    last = g.n_layers - 1
+    src = g.source_names.index(f"L{last - 1}H0")
+    for d, node in enumerate(g.destinations):
+        if node.layer == last and node.qkv == "k":
+            mask[src, d] = False
+    return mask
+
+
+@pytest.mark.parametrize("model_name", ["mlp3", "llama"])
+def test_incremental_column_on_a_dense_circuit_equals_full_runs(request, task24, model_name, monkeypatch):
+    """On a dense circuit the incremental evaluation shares the input of alike destinations, projects a layer's
+    new inputs with one product per distinct input, and forms inputs as the total change minus the cut
+    sources; the logits equal full patched runs (the same tolerance as any circuit's)."""
+    from circuits.graph import incremental
+    from circuits.models.random_hf import random_llama
+
+    model = (random_llama(n_layers=3, d_model=16, n_heads=4, n_kv_heads=2, d_vocab=24, n_ctx=20, d_mlp=32)
+             if model_name == "llama" else request.getfixturevalue(model_name))
+    p = EdgePatcher(model, task24, "resample")
+    g = p.graph
+    used = {"total": 0, "cut": 0, "grouped": 0}
+    from_total, qkv_columns = incremental._Propagation.input_from_total, EdgePatcher.qkv_columns
+
+    def spy_total(self, dst, at, cut):
+        used["total"] += 1
+        used["cut"] += len(cut) > 0
+        return from_total(self, dst, at, cut)
+
+    def spy_columns(self, layer, heads):
+        used["grouped"] += len(heads) > 1
+        return qkv_columns(self, layer, heads)
+
+    monkeypatch.setattr(incremental._Propagation, "input_from_total", spy_total)
+    monkeypatch.setattr(EdgePatcher, "qkv_columns", spy_columns)
+    assert_columns_equal_full_runs(p, dense_mask(g), 3, 0.8, torch.Generator().manual_seed(5))
+    assert used["total"] > 0 and used["cut"] > 0 and used["grouped"] > 0
 
 
 @pytest.mark.parametrize("model_name", ["tiny2", "mlp3"])

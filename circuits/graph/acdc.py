@@ -57,9 +57,9 @@ from circuits.graph.incremental import (
     Evaluated,
     candidate_floats,
     circuit_state,
+    clean_state,
     commit_evaluated,
     evaluate_columns,
-    logits_read,
     seed_terms,
 )
 from circuits.graph.metric import GraphMetric, resolve_metric
@@ -352,14 +352,6 @@ class _Walk:
             mask = self.state.mask.clone()
             mask[:, d] = column
             self.state = self.state.with_mask(mask)
-
-
-def clean_state(patcher: EdgePatcher) -> CircuitState:
-    """The state of the full circuit: the patcher's clean run (copied, since ACDC updates its state in place)."""
-    sources, inputs = patcher.clean_sources.clone(), patcher.clean_inputs()
-    pos = patcher.positions
-    return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs,
-                        logits_read(patcher, patcher.clean_logits), sources[..., pos, :], inputs[..., pos, :])
 
 
 def prune_dead_ends(mask: Bool[Tensor, "n_src n_dst"], graph: ComputeGraph) -> Bool[Tensor, "n_src n_dst"]:

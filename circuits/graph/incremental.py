@@ -48,6 +48,25 @@ class CircuitState:
         """The mask as nested lists (membership tests in Python, without a tensor access each)."""
         return self.mask.tolist()
 
+    @functools.cached_property
+    def _alike(self) -> dict[int, list[int]]:
+        return {}
+
+    def alike(self, patcher: EdgePatcher, dst: int) -> int:
+        """The first destination of dst's stage that keeps the same incoming edges and is read at the same
+        positions: its input is the same (in this circuit and in any candidate that changes other columns).
+        In a dense circuit a layer's head inputs are mostly alike (each is the residual stream)."""
+        i = patcher.stage_of(dst)
+        stage = patcher.stages[i]
+        firsts = self._alike.get(i)
+        if firsts is None:
+            at = [[patcher.at_metric_positions(d)] for d in range(stage.dst.start, stage.dst.stop)]
+            key = torch.cat([self.mask[: stage.n_below, stage.dst].T.cpu(), torch.tensor(at)], dim=1)
+            classes = torch.unique(key, dim=0, return_inverse=True)[1].tolist()
+            first: dict[int, int] = {}
+            firsts = self._alike[i] = [first.setdefault(c, stage.dst.start + j) for j, c in enumerate(classes)]
+        return firsts[dst - stage.dst.start]
+
     def with_mask(self, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
         """The same run under another mask (for changes that cannot alter it, e.g. edges into unused nodes)."""
         return CircuitState(mask, self.sources, self.inputs, self.logits, self.sources_at, self.inputs_at,
@@ -55,14 +74,25 @@ class CircuitState:
 
 
 def circuit_state(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
-    """The run of one circuit by a full patched forward. Example: `circuit_state(p, p.graph.valid)`"""
+    """The run of one circuit by a full patched forward (the full circuit's is the clean run, copied).
+    Example: `circuit_state(p, p.graph.valid)`"""
     mask = patcher._check_masks(mask[None])[0]
+    if torch.equal(mask, patcher.graph.valid.to(mask.device)):
+        return clean_state(patcher)
     with torch.no_grad():
         run = patcher.forward(patcher.embed(patcher.task.clean), mask[None], keep=True)
     sources, inputs = run.sources[0], run.inputs[0]
     pos = patcher.positions
     return CircuitState(mask.clone(), sources, inputs, logits_read(patcher, run.logits[0]), sources[..., pos, :],
                         inputs[..., pos, :])
+
+
+def clean_state(patcher: EdgePatcher) -> CircuitState:
+    """The state of the full circuit: the patcher's clean run (copied, since ACDC updates its state in place)."""
+    sources, inputs = patcher.clean_sources.clone(), patcher.clean_inputs()
+    pos = patcher.positions
+    return CircuitState(patcher.graph.valid.to(patcher.device).clone(), sources, inputs,
+                        logits_read(patcher, patcher.clean_logits), sources[..., pos, :], inputs[..., pos, :])
 
 
 def unembed_columns(patcher: EdgePatcher, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead c"]:
@@ -101,9 +131,16 @@ class Evaluated:
         candidates' memory is freed once this evaluation is dropped. Example: `keep = evaluated.select(3)`"""
         prop = self.propagation
         kept = _Propagation(prop.p, prop.state, self.d, self.columns[i:i + 1].clone())
-        kept.outputs = {s: (_row(value, i), restricted) for s, (value, restricted) in prop.outputs.items()}
-        kept.new_inputs = {dst: _row(value, i) for dst, value in prop.new_inputs.items()}
-        kept.new_projected = {dst: _row(value, i) for dst, value in prop.new_projected.items()}
+        copies: dict[int, Tensor] = {}  # alike destinations share one tensor: copied once
+
+        def row(value: Tensor) -> Tensor:
+            if id(value) not in copies:
+                copies[id(value)] = _row(value, i)
+            return copies[id(value)]
+
+        kept.outputs = {s: (row(value), restricted) for s, (value, restricted) in prop.outputs.items()}
+        kept.new_inputs = {dst: row(value) for dst, value in prop.new_inputs.items()}
+        kept.new_projected = {dst: row(value) for dst, value in prop.new_projected.items()}
         return Evaluated(self.d, kept.columns, self.logits[i:i + 1].clone(), kept)
 
 
@@ -256,6 +293,7 @@ class _Propagation:
         self.new_inputs: dict[int, Tensor] = {}  # destination -> its new input [k, batch, P, d]
         self.new_projected: dict[int, Tensor] = {}  # head input -> its new query, key or value [k, batch, P, e]
         self._changes: dict[tuple[int, bool], Tensor] = {}  # (source, at metric positions) -> new − current output
+        self._totals: dict[bool, tuple[Tensor, int]] = {}  # at metric positions -> (Σ changes, how many)
 
     def run(self) -> Tensor:
         p, w = self.p, self.p.weights
@@ -286,10 +324,11 @@ class _Propagation:
                 continue
             heads.append(h)
             kv = h // g.group_size
-            projected.append([self.projection(stage.layer, h if j == 0 else kv, j, dst, x)
-                              for j, (dst, x) in enumerate(zip(dsts, xs))])
+            projected.append([(h if j == 0 else kv, j, dst, x) for j, (dst, x) in enumerate(zip(dsts, xs))])
         if not heads:
             return
+        self.project_new(stage.layer, [item for qkv in projected for item in qkv if item[3] is not None])
+        projected = [[self.projection(stage.layer, *item) for item in qkv] for qkv in projected]
         q, key, v = (_stack_heads([qkv[j] for qkv in projected]) for j in range(3))
         restricted = p.at_metric_positions(stage.dst.start)  # the layer's first q input
         out = attend_projected(p.weights, stage.layer, p.head_index(heads), q, key, v, p.attention_bias(restricted))
@@ -309,13 +348,35 @@ class _Propagation:
             self.new_projected[dst] = self._project(layer, h, which, dst, x)
         return self.new_projected[dst]
 
+    def project_new(self, layer: int, items: list[tuple[int, int, int, Tensor]]) -> None:
+        """The queries, keys and values (h, which, dst, x) from new inputs, one LayerNorm and one product per
+        distinct input (alike destinations share theirs: `CircuitState.alike`), into `new_projected`."""
+        groups: dict[int, list[tuple[int, int, int, Tensor]]] = {}
+        for item in items:
+            if item[2] not in self.new_projected:
+                groups.setdefault(id(item[3]), []).append(item)
+        w = self.p.weights
+        for group in groups.values():
+            group = list({item[2]: item for item in group}.values())  # a shared k or v input once
+            if len(group) == 1:
+                h, which, dst, x = group[0]
+                self.new_projected[dst] = self._project(layer, h, which, dst, x)
+                continue
+            x = group[0][3]
+            W, b = self.p.qkv_columns(layer, tuple((h, which) for h, which, _, _ in group))
+            y = torch.addmm(b.flatten(), w.ln1.at(layer)(x).flatten(0, -2), W).view(*x.shape[:-1], *b.shape)
+            for j, (_, which, dst, _) in enumerate(group):
+                self.new_projected[dst] = self._rotated(which, dst, y[..., j, :])
+
+    def _rotated(self, which: int, dst: int, y: Tensor) -> Tensor:
+        if which == 2:
+            return y
+        return rotate(self.p.weights.rotary, y, self.p.query_positions(self.p.at_metric_positions(dst)))
+
     def _project(self, layer: int, h: int, which: int, dst: int, x: Tensor) -> Tensor:
         w = self.p.weights
         W, b = w.qkv_weights(which)
-        y = torch.matmul(w.ln1.at(layer)(x), W[layer, h]) + b[layer, h]
-        if which == 2:
-            return y
-        return rotate(w.rotary, y, self.p.query_positions(self.p.at_metric_positions(dst)))
+        return self._rotated(which, dst, torch.matmul(w.ln1.at(layer)(x), W[layer, h]) + b[layer, h])
 
     def current_input(self, dst: int) -> Tensor:
         at = self.p.at_metric_positions(dst)
@@ -331,16 +392,44 @@ class _Propagation:
             return self.new_inputs[dst]
         if dst == self.d:
             x = self.seed(i, at)
+        elif (first := self.state.alike(self.p, dst)) not in (dst, self.d):
+            x = self.input_of(i, first)
+            if x is None:
+                return None
         else:
             kept = self.state.kept
             fed = [s for s in self.outputs if kept[s][dst]]
             if not fed:
                 return None
-            x = self.current_input(dst)
-            for s in fed:
-                x = x + self.change(s, at)
+            cut = [s for s in self.outputs if not kept[s][dst]]
+            if len(cut) + 1 < len(fed):  # a dense circuit: every change but the few cut ones, as one total
+                x = self.input_from_total(dst, at, cut)
+            else:
+                x = self.current_input(dst)
+                for s in fed:
+                    x = x + self.change(s, at)
         self.new_inputs[dst] = x
         return x
+
+    def input_from_total(self, dst: int, at: bool, cut: list[int]) -> Tensor:
+        """dst's new input as its current one plus the total change of the sources recomputed so far, minus the
+        changes of those whose edge into dst the circuit cuts."""
+        x = self.current_input(dst) + self.total_change(at)
+        for s in cut:
+            x = x - self.change(s, at)
+        return x
+
+    def total_change(self, at: bool) -> Tensor:
+        """Σ change(s) over every source recomputed so far [k, batch, P, d]: all are upstream of the stage being
+        read (a stage's inputs are formed before its outputs), so a destination fed by most of them reads this
+        total minus the few it does not keep. Kept as a running sum, extended by the sources added since."""
+        total, n = self._totals.get(at, (None, 0))
+        changed = list(self.outputs)
+        for s in changed[n:]:
+            c = self.change(s, at)
+            total = c.clone() if total is None else total + c if total.shape != c.shape else total.add_(c)
+        self._totals[at] = (total, len(changed))
+        return total
 
     def change(self, s: int, at: bool) -> Tensor:
         """Source s's new output minus its current one [k, batch, P, d] (computed once for all its readers)."""

@@ -22,6 +22,7 @@ import functools
 from dataclasses import dataclass
 from enum import Enum
 
+import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -98,6 +99,7 @@ class EdgePatcher:
         self._at_metric = [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)]
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor] = {}
+        self._qkv_columns: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.logit_columns: Int[Tensor, " c"] | None = None
         """Where set, the incremental evaluations (`circuits.graph.incremental`) compute only these vocabulary
         columns of the logits (a metric that reads few, `GraphMetric.columns`); `run` always computes all."""
@@ -143,6 +145,19 @@ class EdgePatcher:
         if key not in self._head_index:
             self._head_index[key] = torch.tensor(key, device=self.device)
         return self._head_index[key]
+
+    def qkv_columns(self, layer: int, heads: tuple[tuple[int, int], ...]
+                    ) -> tuple[Float[Tensor, "d_model ne"], Float[Tensor, "n e"]]:
+        """The projections (h, which) of one layer side by side, W [d_model, n · d_head] and b [n, d_head]
+        (`which` 0, 1, 2: query, key, value; h a key/value head for keys and values), made once per set.
+        Example: `W, b = p.qkv_columns(0, ((0, 0), (0, 1)))` (head 0's query and key)"""
+        key = (layer, heads)
+        if key not in self._qkv_columns:
+            w = self.weights
+            W = torch.stack([w.qkv_weights(which)[0][layer, h] for h, which in heads])
+            b = torch.stack([w.qkv_weights(which)[1][layer, h] for h, which in heads])
+            self._qkv_columns[key] = (einops.rearrange(W, "n d e -> d (n e)").contiguous(), b)
+        return self._qkv_columns[key]
 
     def attention_bias(self, at_metric_positions: bool) -> Float[Tensor, "nq pos"]:
         """The attention mask's bias for queries at every position, or at the metric positions only."""

@@ -307,7 +307,7 @@ class _HeadInputScores:
         return _NormQKV.apply(resid, self, layer)
 
     def backward(self, layer: int, resid: Tensor, qkv: Tensor, grad: Float[Tensor, "rows qkv"]
-                 ) -> Float[Tensor, "k batch pos d_model"]:
+                 ) -> Float[Tensor, "k batch pos d_model"] | None:
         w, norm = self.w, self.w.ln1.at(layer)
         K, D = resid.shape[0], resid.shape[-1]
         rows = resid[0].numel() // D
@@ -336,7 +336,7 @@ class _HeadInputScores:
             self._contract(layer + 1, layer)
         elif layer == 0:
             self._contract(layer, None)
-        if self.single:
+        if self.single and layer > 0:
             return out.sum(0).view_as(resid)
         return self._plain_backward(layer, norm, resid, grad)
 
@@ -374,8 +374,11 @@ class _HeadInputScores:
             below = self.stages[lower]
             self.scores[: below.n_below, below.dst] = product[: below.n_below, n_in:]
 
-    def _plain_backward(self, layer: int, norm, resid: Tensor, grad: Tensor) -> Tensor:
-        """The gradient at the residual stream as autograd would form it: one product, then the norm's backward."""
+    def _plain_backward(self, layer: int, norm, resid: Tensor, grad: Tensor) -> Tensor | None:
+        """The gradient at the residual stream as autograd would form it: one product, then the norm's backward;
+        none below layer 0, where it would reach only the embeddings, which no score reads."""
+        if layer == 0:
+            return None
         return norm.backward(resid, (grad.reshape(-1, grad.shape[-1]) @ self.w.W_QKV[layer].T).view_as(resid))
 
 
@@ -392,7 +395,7 @@ class _NormQKV(torch.autograd.Function):
         return qkv
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
         resid, qkv = ctx.saved_tensors
         return ctx.heads.backward(ctx.layer, resid, qkv, grad), None, None
 

@@ -199,61 +199,120 @@ def split_input_gradients(model, task, emb_rows):
     return torch.cat(grads, dim=1).sum(0)
 
 
-@pytest.mark.parametrize("model_name", ["tiny2", "tiny2_noln"])
-def test_dense_gradients_equal_autograd_through_split_inputs(request, task24, model_name):
-    from circuits.graph.eap import factored_gradients
-    from circuits.graph.forward import Weights, embed
-
-    model = request.getfixturevalue(model_name)
-    w, g = Weights.of(model), ComputeGraph.of(model)
-    emb = torch.stack([embed(w, task24.clean), 0.5 * embed(w, task24.corrupted)])  # two rows, summed
-    ours = factored_gradients(w, g, emb, task24.positions, task24, None)[1].dense(w, g)
-    reference = split_input_gradients(model, task24, emb)
-    assert reference.abs().max() > 1e-3
-    assert (ours - reference).abs().max() < 1e-5 * float(reference.abs().max()) + 1e-8
-
-
-def test_dense_gradients_with_mlps(task24):
-    from circuits.graph.eap import factored_gradients
-    from circuits.graph.forward import Weights, embed
-    from circuits.models import ModelSpec, build
-
-    model = build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
-    w, g = Weights.of(model), ComputeGraph.of(model)
-    emb = embed(w, task24.clean)[None]
-    ours = factored_gradients(w, g, emb, task24.positions, task24, None)[1].dense(w, g)
-    reference = split_input_gradients(model, task24, emb)
-    assert (ours - reference).abs().max() < 1e-5 * float(reference.abs().max()) + 1e-8
-
-
-@pytest.mark.parametrize("model_name", ["tiny2", "tiny2_noln", "mlp3", "gpt2_perturbed", "llama"])
-def test_edge_scores_equal_dense_gradient_contraction(request, task24, model_name):
-    """EAP sums the head inputs' gradients over runs before projecting them and applies each norm's Jacobian
-    as a rank-k correction; the scores must equal Σ diff_s · (dense gradient at d's input, from the norm's
-    backward per run and destination), with several runs (the k rows of EAP-IG), on LayerNorms with a weight
-    and bias away from 1 and 0 (GPT-2 perturbed) and on RMSNorm with grouped-query attention and rotary (LLaMA)."""
-    from circuits.graph.eap import edge_scores, factored_gradients
-    from circuits.graph.forward import Weights, embed, shared_forward
+def _build(request, model_name):
     from circuits.models import ModelSpec, build, random_gpt2
     from circuits.models.random_hf import random_llama
 
     if model_name == "mlp3":
-        model = build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
-    elif model_name == "gpt2_perturbed":
-        model = random_gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=24, n_ctx=24, perturb=True)
-    elif model_name == "llama":
-        model = random_llama(n_layers=2, d_vocab=24, n_ctx=24)
-    else:
-        model = request.getfixturevalue(model_name)
+        return build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
+    if model_name == "gpt2_perturbed":
+        return random_gpt2(n_layers=2, d_model=32, n_heads=4, d_vocab=24, n_ctx=24, perturb=True)
+    if model_name == "llama":
+        return random_llama(n_layers=2, d_vocab=24, n_ctx=24)
+    return request.getfixturevalue(model_name)
+
+
+@pytest.mark.parametrize("model_name", ["tiny2", "tiny2_noln", "mlp3", "gpt2_perturbed", "llama"])
+@pytest.mark.parametrize("runs", [(1,), (2,), (1, 1)], ids=["one-run", "two-runs", "two-chunks"])
+def test_destination_gradients_equal_autograd_through_split_inputs(request, task24, model_name, runs):
+    """The gradient at every destination's input, summed over the runs, that EAP forms in the backward of each
+    layer's norm and q/k/v product (with one run the head inputs' gradients also make the residual stream's,
+    so a wrong one would show in the layers below), equals autograd through the edge-patching forward in which
+    every head input is a tensor of its own: one run, two runs in one batch, and two runs in two batches (the
+    second adds to the first's sums)."""
+    from circuits.graph.eap import attribute
+    from circuits.graph.forward import Weights, embed
+
+    model = _build(request, model_name)
+    w, g = Weights.of(model), ComputeGraph.of(model)
+    emb = torch.stack([embed(w, task24.clean), 0.5 * embed(w, task24.corrupted)])[: sum(runs)]
+    chunks = list(emb.split(list(runs)))
+    zero = torch.zeros(g.n_sources, *emb.shape[2:])
+    ours = attribute(w, g, chunks, lambda run, e: zero, task24.positions, task24, None, keep_gradients=True).gradients
+    reference = split_input_gradients(model, task24, emb)
+    assert reference.abs().max() > 1e-4
+    assert (ours - reference).abs().max() < 1e-5 * float(reference.abs().max()) + 1e-8
+
+
+@pytest.mark.parametrize("model_name", ["tiny2", "tiny2_noln", "mlp3", "gpt2_perturbed", "llama"])
+def test_edge_scores_equal_differences_times_autograd_gradients(request, task24, model_name):
+    """EAP sums the head inputs' gradients over runs before projecting them, applies each norm's Jacobian as a
+    rank-k correction and meets two layers' destinations with the differences at once; the scores must equal
+    Σ diff_s · (gradient at d's input by autograd through split inputs, summed over the runs), with three runs
+    in two batches (the k rows of EAP-IG), on LayerNorms with a weight and bias away from 1 and 0 (GPT-2
+    perturbed) and on RMSNorm with grouped-query attention and rotary (LLaMA)."""
+    from circuits.graph.eap import attribute
+    from circuits.graph.forward import Weights, embed
+
+    model = _build(request, model_name)
     w, g = Weights.of(model), ComputeGraph.of(model)
     clean, corrupted = embed(w, task24.clean), embed(w, task24.corrupted)
     emb = torch.stack([clean, 0.5 * (clean + corrupted), corrupted])  # three runs, summed
-    _, grads = factored_gradients(w, g, emb, task24.positions, task24, None)
-    with torch.no_grad():
-        diff = (shared_forward(w, corrupted[None], task24.positions).sources[0]
-                - shared_forward(w, clean[None], task24.positions).sources[0])
-    dense = grads.dense(w, g)
-    reference = (diff.flatten(1).double() @ dense.flatten(1).double().T).masked_fill(~g.valid, 0.0)
-    ours = edge_scores(g, w, diff, grads).double()
+    p = EdgePatcher(model, task24)
+    diff = p.ablated - p.clean_sources
+    ours = attribute(w, g, [emb[:2], emb[2:]], lambda run, e: diff, task24.positions, task24, None).scores.double()
+    dense = split_input_gradients(model, task24, emb).double()
+    reference = (diff.flatten(1).double() @ dense.flatten(1).T).masked_fill(~g.valid, 0.0)
     assert reference.abs().max() > 1e-5  # GPT-2's initialisation (std 0.02) gives the smallest, about 4e-5
     assert (ours - reference).abs().max() < 1e-5 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize("ablation", ["resample", "zero", "mean"])
+def test_source_differences_equal_the_edge_patchers(task24, ablation):
+    """The sources' ablated-minus-clean outputs EAP forms (heads as (z_ablated − z) W_O; under resample the
+    corrupted run's attention output from the clean run's plus its heads' differences) equal the edge patcher's
+    ablated minus clean sources, on a model with MLPs. The last layer's sources are compared at the metric
+    positions, the only ones whose queries EAP computes (its heads' differences are 0 elsewhere, and its MLP
+    there, which reaches nothing the metric reads, lacks their output)."""
+    from circuits.engine.run import forward
+    from circuits.graph.eap import _ablated_embeddings, source_differences
+    from circuits.graph.forward import Weights, embed
+    from circuits.graph.patching import _ablation
+    from circuits.models import ModelSpec, build
+
+    model = build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
+    w, g = Weights.of(model), ComputeGraph.of(model)
+    abl = _ablation(ablation)
+    clean = embed(w, task24.clean)
+    run = forward(w, clean.sum(0)[None], record=("z", "attn_out", "mlp"), queries=task24.positions)
+    ours = source_differences(w, g, run, clean[None], _ablated_embeddings(w, abl, clean, task24.corrupted), abl,
+                              task24.positions)
+    p = EdgePatcher(model, task24, ablation)
+    reference = p.ablated - p.clean_sources
+    heads = [g.source_names.index(f"L2H{h}") for h in range(4)]
+    last = heads + [g.source_names.index("MLP2")]
+    other = torch.ones(g.n_sources, dtype=torch.bool)
+    other[last] = False
+    scale = float(reference.abs().max())
+    assert (ours[other] - reference[other]).abs().max() < 1e-5 * scale
+    at = task24.positions
+    assert (ours[last][:, :, at] - reference[last][:, :, at]).abs().max() < 1e-5 * scale
+    away = torch.ones(task24.seq_len, dtype=torch.bool)
+    away[at] = False
+    assert float(ours[heads][:, :, away].abs().max()) == 0.0
+    assert float(reference[heads][:, :, at].abs().max()) > 1e-3 * scale  # the last layer's heads are compared
+
+
+def test_forward_with_its_steps_given_equals_the_forward():
+    """The recorder's `qkv_from` and `attn_out_from` replace ln1 with the q/k/v product and the W_O product;
+    given the same computations, the record is the same, and a different `attn_out_from` changes the run."""
+    from circuits.engine.run import forward
+    from circuits.graph.forward import Weights, embed
+    from circuits.models import ModelSpec, build
+
+    model = build(ModelSpec(2, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=5)
+    w = Weights.of(model)
+    resid = embed(w, torch.randint(0, 24, (2, 7))).sum(0)
+
+    def qkv(layer, x):
+        return torch.addmm(w.b_QKV[layer], w.ln1.at(layer)(x).reshape(-1, x.shape[-1]), w.W_QKV[layer])
+
+    def attn_out(layer, z):
+        return torch.einsum("bqhe,hed->bqd", z, w.W_O[layer]) + w.b_O[layer]
+
+    plain = forward(w, resid, record=("z", "mlp"))
+    given = forward(w, resid, record=("z", "mlp"), qkv_from=qkv, attn_out_from=attn_out)
+    assert (plain.final - given.final).abs().max() < 1e-5 * float(plain.final.abs().max())
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(plain.z, given.z))
+    shifted = forward(w, resid, record=(), attn_out_from=lambda layer, z: attn_out(layer, z) + 1.0)
+    assert (shifted.final - plain.final).abs().max() > 0.1

@@ -89,19 +89,6 @@ class Norm:
         gc = g - g.mean(-1, keepdim=True) if self.centred else g
         return (gc - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma
 
-    def jvp(self, x: Float[Tensor, "k batch pos d_model"], t: Float[Tensor, "n batch pos d_model"]
-            ) -> Float[Tensor, "k n batch pos d_model"]:
-        """The Jacobian at each of the k inputs `x` applied to each of the n directions `t` (the transpose of
-        `backward`'s map): weight · (t − [mean t] − x̂·mean(t·x̂)) / σ.
-        Example: `w.ln1.at(1).jvp(resid, diff[:6])` ([k, 6, batch, pos, d_model])"""
-        if self.kind is None:
-            return t[None].expand(x.shape[0], *t.shape)
-        xhat, sigma = self.standardise(x)
-        xhat = xhat[:, None]
-        tc = t - t.mean(-1, keepdim=True) if self.centred else t
-        out = tc - xhat * (t * xhat).mean(-1, keepdim=True)
-        return out * ((1 if self.weight is None else self.weight) / sigma[:, None])
-
     def standardise(self, x: Float[Tensor, "*lead d_model"]
                     ) -> tuple[Float[Tensor, "*lead d_model"], Float[Tensor, "*lead 1"]]:
         """x̂ = (x − [μ])/σ and σ, so that the norm is gain · x̂ + offset (the biased variance, as the norms use;

@@ -10,7 +10,7 @@ keep and where the head axis sits (`heads_at`).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -56,14 +56,21 @@ class Record:
 
 
 def forward(w: Weights, resid: Float[Tensor, "*lead pos d_model"], *, record: Collection[str] = RECORDABLE,
-            heads_at: int | None = None, queries: Int[Tensor, " nq"] | None = None) -> Record:
+            heads_at: int | None = None, queries: Int[Tensor, " nq"] | None = None,
+            qkv_from: Callable[[int, Tensor], Tensor] | None = None,
+            attn_out_from: Callable[[int, Tensor], Tensor] | None = None) -> Record:
     """The model's forward from the embedded input `resid` (the sum of `circuits.engine.embed`), keeping the
     per-layer activations named in `record` (a subset of `RECORDABLE`), differentiable when grad is enabled.
 
     `heads_at`: where the head axis sits among the leading dims of `qkv_heads`, `head_out` and the attention
     computation (default: last, TransformerLens's pattern layout). `queries`: the last layer's heads attend
     from these positions only (nothing else they compute reaches a metric read there); its head outputs are 0
-    at the other positions and `final` there lacks them.
+    at the other positions and `final` there lacks them. `qkv_from(layer, resid)`: computes ln1 and the fused
+    q/k/v product of a layer in place of the forward's own ([*lead · pos, (head + 2 kv_head) · d_head] from the
+    residual stream [*lead, pos, d_model]), for a caller with its own backward of that step (EAP's).
+    `attn_out_from(layer, z)`: computes a layer's attention output with b_O ([*lead, nq, d_model]) from z
+    ([*lead, nq, head, d_head]) in place of the W_O product, for a caller that forms it from another run's
+    (EAP's corrupted run, from the clean run's and each head's difference); not called when `head_out` is kept.
     Example: `forward(w, embed(w, tokens).sum(0), record=("resid_pre", "z")).z[0]`
     """
     unknown = set(record) - set(RECORDABLE)
@@ -82,8 +89,11 @@ def forward(w: Weights, resid: Float[Tensor, "*lead pos d_model"], *, record: Co
         last = layer == w.n_layers - 1
         if "resid_pre" in keep:
             acts["resid_pre"].append(resid)
-        xn = w.ln1.at(layer)(resid)
-        qkv = torch.addmm(w.b_QKV[layer], xn.reshape(-1, D), w.W_QKV[layer]).view(*lead, P, H + 2 * Hkv, E)
+        if qkv_from is None:
+            qkv = torch.addmm(w.b_QKV[layer], w.ln1.at(layer)(resid).reshape(-1, D), w.W_QKV[layer])
+        else:
+            qkv = qkv_from(layer, resid)
+        qkv = qkv.view(*lead, P, H + 2 * Hkv, E)
         q, k, v = qkv.split([H, Hkv, Hkv], dim=-2)  # [*lead, pos, head, d_head] views of the one product
         for name, t in (("q", q), ("k", k), ("v", v)):
             if name in keep:
@@ -119,7 +129,10 @@ def forward(w: Weights, resid: Float[Tensor, "*lead pos d_model"], *, record: Co
             acts["head_out"].append(out)
             attn_out = out.sum(head_axis) + w.b_O[layer]
         else:
-            attn_out = torch.addmm(w.b_O[layer], z_tl.reshape(-1, H * E), w.W_O[layer].reshape(H * E, D))
+            if attn_out_from is None:
+                attn_out = torch.addmm(w.b_O[layer], z_tl.reshape(-1, H * E), w.W_O[layer].reshape(H * E, D))
+            else:
+                attn_out = attn_out_from(layer, z_tl)
             attn_out = attn_out.view(*lead, n, D)
             if rows is not None:
                 attn_out = w.b_O[layer].expand(*lead, P, D).index_copy(-2, rows, attn_out)

@@ -60,23 +60,26 @@ def _walk(models, task, vocab: int, metric: str):
     return result
 
 
+def _timed_walk(run_bench, benchmark, models, task, vocab: int, metric: str, side: str):
+    """One whole walk at `vocab` tokens, timed as `side` of the metric's group, its circuit in `extra_info`."""
+    r = run_bench(lambda: _walk(models, task, vocab, metric), group=f"graph-acdc-vocab50257-{metric}-gpt2small",
+                  side=side, rounds=1)
+    assert r.info["n_edges"] > 0
+    benchmark.extra_info.update(vocab=vocab, n_edges=r.info["n_edges"], n_forwards=r.n_forwards,
+                                n_batches=r.info["n_batches"])
+    return r
+
+
 @pytest.mark.parametrize("metric", ["kl", "logit_diff"])
 def test_acdc_vocab_large_ours(run_bench, benchmark, models, task, metric):
-    r = run_bench(lambda: _walk(models, task, LARGE, metric), group=f"graph-acdc-vocab50257-{metric}-gpt2small",
-                  side="ours", rounds=1)
-    assert r.info["n_edges"] > 0
-    benchmark.extra_info.update(vocab=LARGE, n_edges=r.info["n_edges"], n_forwards=r.n_forwards,
-                                n_batches=r.info["n_batches"], goal="≤ 2× the 1,000-token walk" if metric == "kl"
-                                else "no cost over the 1,000-token walk")
+    _timed_walk(run_bench, benchmark, models, task, LARGE, metric, "ours")
+    goal = "≤ 2× the 1,000-token walk" if metric == "kl" else "no cost over the 1,000-token walk"
+    benchmark.extra_info["goal"] = goal
 
 
 @pytest.mark.parametrize("metric", ["kl", "logit_diff"])
 def test_acdc_vocab_small_reference(run_bench, benchmark, models, task, metric):
-    r = run_bench(lambda: _walk(models, task, SMALL, metric), group=f"graph-acdc-vocab50257-{metric}-gpt2small",
-                  side="reference", rounds=1)
-    assert r.info["n_edges"] > 0
-    benchmark.extra_info.update(vocab=SMALL, n_edges=r.info["n_edges"], n_forwards=r.n_forwards,
-                                n_batches=r.info["n_batches"])
+    r = _timed_walk(run_bench, benchmark, models, task, SMALL, metric, "reference")
     large = _WALKS.get((LARGE, metric))
     if metric == "logit_diff" and large is not None:  # the same columns of the same weights: the same walk
         assert torch.allclose(large.values, r.values, rtol=0, atol=0, equal_nan=True)

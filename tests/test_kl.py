@@ -106,3 +106,15 @@ def test_kl_gradient_is_q_minus_p_and_finite_for_sharp_logits():
     torch.testing.assert_close(x.grad, torch.tensor([[-0.5, 0.5]]))
     y = (clean[:1, :8] + torch.randn(1, 8, generator=gen, dtype=torch.float64)).requires_grad_()
     torch.autograd.gradcheck(lambda t: kl_terms(t, clean[:1, :8]), (y,))
+
+
+def test_a_clean_run_broadcast_against_its_log_probabilities_takes_the_recorded_path():
+    """Clean logits expanded over a leading axis with log-probabilities of the unexpanded shape (as the tuned lens
+    passes them) are scored like the same call recording a gradient."""
+    gen = torch.Generator().manual_seed(9)
+    clean = torch.randn(4, 30, generator=gen) * 5
+    patched = clean + torch.randn(3, 4, 30, generator=gen)
+    with torch.no_grad():
+        got = kl_terms(patched, clean.expand(3, 4, 30), clean.log_softmax(-1))
+    expected = kl_terms(patched.clone().requires_grad_(), clean.expand(3, 4, 30), clean.log_softmax(-1)).detach()
+    assert torch.equal(got, expected)

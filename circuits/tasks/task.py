@@ -155,7 +155,8 @@ def kl_terms(logits_at: Float[Tensor, "*lead vocab"], clean_at: Float[Tensor, ".
     log_p = clean_at.log_softmax(-1) if clean_logprobs is None else clean_logprobs
     recording = torch.is_grad_enabled() and (logits_at.requires_grad or clean_at.requires_grad)
     lead = logits_at.shape[: logits_at.dim() - clean_at.dim()]
-    if not recording and logits_at.shape[len(lead):] == clean_at.shape and logits_at.dtype == clean_at.dtype:
+    if (not recording and logits_at.shape[len(lead):] == clean_at.shape == log_p.shape
+            and logits_at.dtype == clean_at.dtype == log_p.dtype):
         return _kl_terms_blocked(logits_at, clean_at, log_p)
     p = log_p.exp()
     d = logits_at - clean_at
@@ -177,8 +178,8 @@ def kl_terms(logits_at: Float[Tensor, "*lead vocab"], clean_at: Float[Tensor, ".
 _BLOCK_FLOATS = 2**19  # the terms of one block: its buffers stay in cache
 
 
-def _kl_terms_blocked(logits_at: Float[Tensor, "*lead *rows vocab"], clean_at: Float[Tensor, "*rows vocab"],
-                      log_p: Float[Tensor, "*rows vocab"]) -> Float[Tensor, "*lead *rows"]:
+def _kl_terms_blocked(logits_at: Float[Tensor, "..."], clean_at: Float[Tensor, "*rows vocab"],
+                      log_p: Float[Tensor, "*rows vocab"]) -> Float[Tensor, "..."]:
     """`kl_terms` without autograd, for logits whose trailing axes are the clean logits' own: the same formula a
     block at a time (several runs' rows at a small vocabulary, part of one run's at a large one), in place in
     buffers that stay in cache. The series runs on every term; the exact branch (|d| ≥ 1/2) and the overflow

@@ -427,7 +427,12 @@ class _Propagation:
         changed = list(self.outputs)
         for s in changed[n:]:
             c = self.change(s, at)
-            total = c.clone() if total is None else total + c if total.shape != c.shape else total.add_(c)
+            if total is None:
+                total = c.clone()  # owned: later changes are added into it in place
+            elif total.shape == c.shape:
+                total.add_(c)
+            else:  # one candidate's change broadcast against k candidates', or the reverse
+                total = total + c
         self._totals[at] = (total, len(changed))
         return total
 

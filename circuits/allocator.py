@@ -10,16 +10,32 @@ measured in docs/performance.md).
 `settle_allocator` frees one untouched block just under 32 MiB: what the process would do itself after its
 first large tensor. It costs microseconds, touches no memory, and afterwards up to 64 MiB of free heap is
 kept for reuse instead of returned. With another C library or allocator it is a harmless allocation.
+
+Blocks above 32 MiB are always mapped afresh, so a loop that allocates and frees them (ACDC's chunks of
+candidates, EAP's source differences) faults every page in again each time. `heap_reuse()` lifts both
+thresholds for the duration of such a call, so that those blocks come from the heap and are reused, and on
+leaving puts them back to the ceiling and returns the free heap to the system (`malloc_trim`): the process's
+memory afterwards is what it would have been without it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import platform
+import threading
+from collections.abc import Iterator
 
 import torch
 
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+_LIFTED_MMAP = 2**30  # while lifted, only blocks above 1 GiB are mapped (mallopt's largest value mapped some less)
+_LIFTED_TRIM = 2**31 - 1  # mallopt's largest value: no free memory is returned while lifted
 _settled = False
+_depth = 0  # nesting of heap_reuse scopes: only the outermost lifts and restores
+_lock = threading.Lock()
+_libc: ctypes.CDLL | None = None
 
 
 def settle_allocator() -> None:
@@ -31,3 +47,38 @@ def settle_allocator() -> None:
     _settled = True
     if platform.libc_ver()[0] == "glibc":
         torch.empty(_GLIBC_MMAP_THRESHOLD_MAX - 2**16, dtype=torch.uint8)  # mapped, then freed at once
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, where it is glibc (None elsewhere)."""
+    global _libc
+    if _libc is None and platform.libc_ver()[0] == "glibc":
+        _libc = ctypes.CDLL("libc.so.6")
+    return _libc
+
+
+@contextlib.contextmanager
+def heap_reuse() -> Iterator[None]:
+    """Within the block, glibc serves blocks up to 1 GiB from its heap and keeps freed memory for reuse; on
+    leaving the outermost block its thresholds return to their adaptive ceiling (mmap 32 MiB, trim 64 MiB)
+    and the free heap is returned to the system. Nestable; a no-op without glibc.
+    Example: `with heap_reuse(): walk()`"""
+    global _depth
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _lock:
+        _depth += 1
+        if _depth == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_LIFTED_MMAP))
+            libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_LIFTED_TRIM))
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_GLIBC_MMAP_THRESHOLD_MAX))
+                libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * _GLIBC_MMAP_THRESHOLD_MAX))
+                libc.malloc_trim(ctypes.c_size_t(0))

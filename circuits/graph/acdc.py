@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import TransformerBridge
 
+from circuits.allocator import heap_reuse
 from circuits.graph.acdc_checkpoint import (
     decode_mask,
     decode_values,
@@ -139,8 +140,9 @@ def acdc(
                                       graph=[patcher.graph.n_sources, patcher.graph.n_destinations])
         saved = read_checkpoint(checkpoint, description)
     # the walk runs in inference mode (less bookkeeping per operation on these small tensors); what it
-    # returns is copied out of it, so the result holds ordinary tensors
-    with torch.inference_mode():
+    # returns is copied out of it, so the result holds ordinary tensors. Its chunks of candidates are large
+    # blocks allocated and freed over and over: `heap_reuse` keeps their memory instead of faulting it anew.
+    with torch.inference_mode(), heap_reuse():
         done = walk.restore(saved) if saved is not None else 0
         bar = tqdm(destinations, desc="ACDC", disable=not progress, initial=done)
         for i in range(done, len(destinations)):

@@ -87,10 +87,19 @@ def embed(w: Weights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "n_embe
     return torch.stack([tok, w.W_pos[: tokens.shape[1]].expand_as(tok)])
 
 
+def affine(x: Float[Tensor, "*lead d_in"], W: Float[Tensor, "d_in d_out"], b: Float[Tensor, " d_out"]
+           ) -> Float[Tensor, "*lead d_out"]:
+    """x W + b as one product that starts from the bias (a separate addition broadcast over the leading axes
+    is a second pass over the output). Example: `affine(x, w.W_U, w.b_U)`"""
+    if x.dim() < 2:
+        return x @ W + b
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), W).view(*x.shape[:-1], W.shape[-1])
+
+
 def mlp_hidden(w: Weights, layer: int, xn: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_mlp"]:
     """The MLP's hidden activation from its normalised input: act(xn W_in + b_in), or for a gated MLP
     act(xn W_gate) · (xn W_in + b_in)."""
-    pre = xn @ w.W_in[layer] + w.b_in[layer]
+    pre = affine(xn, w.W_in[layer], w.b_in[layer])
     if w.W_gate is None:
         return w.act(pre)
     return w.act(xn @ w.W_gate[layer]) * pre
@@ -111,4 +120,4 @@ def mlp_output(w: Weights, layer: int, x: Float[Tensor, "*lead d_model"]) -> Flo
 
 def unembed(w: Weights, resid: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead vocab_out"]:
     """The final norm then the unembedding. Example: `unembed(w, run.final)`"""
-    return w.ln_final(resid) @ w.W_U + w.b_U
+    return affine(w.ln_final(resid), w.W_U, w.b_U)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from circuits.graph import ComputeGraph, patch_edges
 from circuits.graph.incremental import circuit_state, commit_column, evaluate_column
+from circuits.graph.nodes import NodeKind
 from circuits.graph.patching import EdgePatcher
 from circuits.models import ModelSpec, build
 from circuits.tasks import induction_task
@@ -273,3 +274,65 @@ def test_graph_metrics_equal_the_task_metric(tiny2, task24, metric):
     torch.testing.assert_close(gm(logits), expected, atol=1e-6, rtol=1e-5)
     if metric == "kl":
         assert gm(logits)[0] == 0.0  # the clean run against itself
+
+
+def metric_chain_mask(g: ComputeGraph) -> torch.Tensor:
+    """Every edge but those from the MLPs into head inputs: each MLP's output then reaches the logits only through
+    the MLPs above it (the chain a sparse ACDC circuit keeps), so each is read at the metric positions only."""
+    mask = g.valid.clone()
+    for s, node in enumerate(g.sources):
+        if node.kind is NodeKind.MLP:
+            for d, dst in enumerate(g.destinations):
+                if dst.kind is NodeKind.HEAD_INPUT:
+                    mask[s, d] = False
+    return mask
+
+
+@pytest.mark.parametrize("model_name", ["mlp3", "llama"])
+def test_mlps_read_only_at_the_metric_positions_are_computed_there(request, task24, model_name, monkeypatch):
+    """An MLP whose kept edges lead only to destinations read at the metric positions is recomputed there only;
+    the candidates' logits equal full patched runs, and a chain of commits equals the full forward wherever the
+    state keeps its values current (every source at the metric positions; elsewhere all but the stale ones)."""
+    from circuits.graph import incremental
+    from circuits.models.random_hf import random_llama
+
+    model = (random_llama(n_layers=3, d_model=16, n_heads=4, n_kv_heads=2, d_vocab=24, n_ctx=20, d_mlp=32)
+             if model_name == "llama" else request.getfixturevalue(model_name))
+    p = EdgePatcher(model, task24, "resample")
+    g = p.graph
+    mask = metric_chain_mask(g)
+    mlp_inputs = [d for d, node in enumerate(g.destinations) if node.kind is NodeKind.MLP]
+    at = incremental.read_at_metric_positions(p, mask)
+    assert all(at[d] for d in mlp_inputs)
+    assert not any(incremental.read_at_metric_positions(p, g.valid)[d] for d in mlp_inputs[:-1])
+
+    rows, mlp = [], incremental.mlp
+    monkeypatch.setattr(incremental, "mlp", lambda w, layer, x: rows.append(x.shape[-2]) or mlp(w, layer, x))
+    assert_columns_equal_full_runs(p, mask, 3, 0.7, torch.Generator().manual_seed(6))
+    assert rows and set(rows) == {len(task24.positions)}
+
+    state = circuit_state(p, mask)
+    gen = torch.Generator().manual_seed(7)
+    for d in reversed(range(g.n_destinations)):
+        state = commit_column(p, state, d, state.mask[:, d] & (torch.rand(g.n_sources, generator=gen) < 0.8))
+    full = circuit_state(p, state.mask)
+    assert {s for s, node in enumerate(g.sources) if node.kind is NodeKind.MLP} <= state.stale
+    assert (state.logits - full.logits).abs().max() < 1e-5
+    assert (state.sources_at - full.sources_at).abs().max() < 1e-5
+    current = [s for s in range(g.n_sources) if s not in state.stale]
+    assert (state.sources[current] - full.sources[current]).abs().max() < 1e-5
+
+
+def test_an_edge_from_a_stale_output_into_a_full_position_input_is_refused(mlp3, task24):
+    """A candidate that adds an edge from an output the state holds at the metric positions only into a
+    destination read everywhere would read stale values: refused, naming the source."""
+    p = EdgePatcher(mlp3, task24, "resample")
+    g = p.graph
+    state = circuit_state(p, metric_chain_mask(g))
+    state = commit_column(p, state, g.destination_names.index("MLP0"), state.mask[:, g.destination_names.index("MLP0")])
+    assert g.source_names.index("MLP0") in state.stale
+    d = g.destination_names.index("L1H0.q")
+    column = state.mask[:, d].clone()
+    column[g.source_names.index("MLP0")] = True
+    with pytest.raises(ValueError, match="columns: the edges from MLP0 into L1H0.q"):
+        evaluate_column(p, state, d, column[None])

@@ -5,10 +5,13 @@ ACDC tests circuits that differ from the current one only in the incoming edges 
 above it, only the nodes reached from d's node along the circuit's kept edges: a removed edge carries the
 ablated value, which no candidate changes. `evaluate_column` recomputes exactly those nodes for k
 candidates at once; the last layer is computed at the metric positions only (its outputs reach nothing
-but the logits there). `commit_column` applies one candidate to the state the same way.
+but the logits there), and so is every MLP whose kept edges lead only to destinations read there (in a
+sparse circuit, the chain of MLPs that writes to the logits: `CircuitState.at_metric`). `commit_column`
+applies one candidate to the state the same way.
 
-A `CircuitState` holds one circuit's run. The outputs and inputs of the last layer are kept current at the
-metric positions only (elsewhere they are never read); everything below is kept at every position.
+A `CircuitState` holds one circuit's run. Every output and input is kept current at the metric positions;
+at the other positions, all but those a commit computed at the metric positions only (`stale`), which no
+destination of that circuit, or of one with fewer edges, reads there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.engine import rotate
+from circuits.engine.primitives import affine
 from circuits.graph.forward import attend_projected, mlp, unembed
 from circuits.graph.nodes import NodeKind
 from circuits.graph.patching import EdgePatcher
@@ -42,6 +46,7 @@ class CircuitState:
     inputs_at: Float[Tensor, "n_dst batch n d_model"]
     projected: dict[int, Tensor] = field(default_factory=dict)
     seed_terms: dict[tuple[int, bool], SeedTerms] = field(default_factory=dict)
+    stale: frozenset[int] = frozenset()  # sources whose output is current at the metric positions only
 
     @functools.cached_property
     def kept(self) -> list[list[bool]]:
@@ -52,6 +57,18 @@ class CircuitState:
     def _alike(self) -> dict[int, list[int]]:
         return {}
 
+    @functools.cached_property
+    def _at_metric(self) -> list[bool]:
+        return []
+
+    def at_metric(self, patcher: EdgePatcher, dst: int) -> bool:
+        """True where destination dst is read at the metric positions only in this circuit: those the model's
+        shape fixes (`EdgePatcher.at_metric_positions`), and the input of an MLP every kept edge of whose
+        output goes to such a destination. Removing edges never undoes it."""
+        if not self._at_metric:
+            self._at_metric.extend(read_at_metric_positions(patcher, self.mask))
+        return self._at_metric[dst]
+
     def alike(self, patcher: EdgePatcher, dst: int) -> int:
         """The first destination of dst's stage that keeps the same incoming edges and is read at the same
         positions: its input is the same (in this circuit and in any candidate that changes other columns).
@@ -60,7 +77,7 @@ class CircuitState:
         stage = patcher.stages[i]
         firsts = self._alike.get(i)
         if firsts is None:
-            at = [[patcher.at_metric_positions(d)] for d in range(stage.dst.start, stage.dst.stop)]
+            at = [[self.at_metric(patcher, d)] for d in range(stage.dst.start, stage.dst.stop)]
             key = torch.cat([self.mask[: stage.n_below, stage.dst].T.cpu(), torch.tensor(at)], dim=1)
             classes = torch.unique(key, dim=0, return_inverse=True)[1].tolist()
             first: dict[int, int] = {}
@@ -70,7 +87,19 @@ class CircuitState:
     def with_mask(self, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
         """The same run under another mask (for changes that cannot alter it, e.g. edges into unused nodes)."""
         return CircuitState(mask, self.sources, self.inputs, self.logits, self.sources_at, self.inputs_at,
-                            self.projected, self.seed_terms)
+                            self.projected, self.seed_terms, self.stale)
+
+
+def read_at_metric_positions(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> list[bool]:
+    """For each destination, whether circuit `mask` reads it at the metric positions only (see
+    `CircuitState.at_metric`): decided from the logits down, an MLP's input after everything its output feeds.
+    Example: `read_at_metric_positions(p, p.graph.valid)[-1]` (the logits: True)"""
+    at = patcher.metric_only_destinations.clone()
+    mask = mask.cpu()
+    for stage in reversed(patcher.stages):
+        if stage.kind is NodeKind.MLP and not at[stage.dst.start]:
+            at[stage.dst.start] = bool((at | ~mask[stage.out.start]).all())
+    return at.tolist()
 
 
 def circuit_state(patcher: EdgePatcher, mask: Bool[Tensor, "n_src n_dst"]) -> CircuitState:
@@ -100,7 +129,7 @@ def unembed_columns(patcher: EdgePatcher, resid: Float[Tensor, "*lead d_model"])
     w, columns = patcher.weights, patcher.logit_columns
     if columns is None:
         return unembed(w, resid)
-    return w.ln_final(resid) @ w.W_U[:, columns] + w.b_U[columns]
+    return affine(w.ln_final(resid), w.W_U[:, columns], w.b_U[columns])
 
 
 def logits_read(patcher: EdgePatcher, logits: Float[Tensor, "*lead vocab"]) -> Float[Tensor, "*lead c"]:
@@ -213,7 +242,7 @@ def commit_evaluated(
             sources_at[s] = row if restricted else row[..., pos, :]
         for dst, value in prop.new_inputs.items():
             row = value[i if value.shape[0] > 1 else 0]
-            at = patcher.at_metric_positions(dst)
+            at = state.at_metric(patcher, dst)
             _write(inputs[dst], row, at, pos)
             inputs_at[dst] = row if at else row[..., pos, :]
             value = prop.new_projected.get(dst)
@@ -226,7 +255,9 @@ def commit_evaluated(
     # the seed terms of a stage hold its sources: kept while none of them changed
     first_changed = min(prop.outputs, default=patcher.graph.n_sources)
     seed_terms = {key: t for key, t in state.seed_terms.items() if patcher.stages[key[0]].n_below <= first_changed}
-    return CircuitState(mask, sources, inputs, evaluated.logits[i], sources_at, inputs_at, projected, seed_terms)
+    stale = state.stale | {s for s, (_, restricted) in prop.outputs.items() if restricted}
+    return CircuitState(mask, sources, inputs, evaluated.logits[i], sources_at, inputs_at, projected, seed_terms,
+                        frozenset(stale))
 
 
 def commit_column(
@@ -253,7 +284,7 @@ def seed_terms(patcher: EdgePatcher, state: CircuitState, d: int) -> SeedTerms:
     """The seed terms of destination d's stage in `state`, computed once and kept on the state while the
     sources below the stage are unchanged (one stage's at a time: ACDC walks a layer's destinations in turn).
     Example: `seed_terms(p, state, d).inert` (which incoming edges of d carry nothing)"""
-    i, at = patcher.stage_of(d), patcher.at_metric_positions(d)
+    i, at = patcher.stage_of(d), state.at_metric(patcher, d)
     terms = state.seed_terms.get((i, at))
     if terms is None:
         nb = patcher.stages[i].n_below
@@ -294,6 +325,13 @@ class _Propagation:
         self.new_projected: dict[int, Tensor] = {}  # head input -> its new query, key or value [k, batch, P, e]
         self._changes: dict[tuple[int, bool], Tensor] = {}  # (source, at metric positions) -> new − current output
         self._totals: dict[bool, tuple[Tensor, int]] = {}  # at metric positions -> (Σ changes, how many)
+        if state.stale and not state.at_metric(patcher, d):
+            stale = sorted(s for s in state.stale if bool(columns[:, s].any()))
+            if stale:
+                names = ", ".join(patcher.graph.source_names[s] for s in stale)
+                raise ValueError(f"columns: the edges from {names} into {patcher.graph.destination_names[d]} read "
+                                 "outputs this state holds at the metric positions only (computed there when no "
+                                 "kept edge read them elsewhere); evaluate against `circuit_state(patcher, mask)`")
 
     def run(self) -> Tensor:
         p, w = self.p, self.p.weights
@@ -307,7 +345,7 @@ class _Propagation:
             if stage.kind is NodeKind.MLP:
                 x = self.input_of(i, stage.dst.start)
                 if x is not None:
-                    self.outputs[stage.out.start] = (mlp(w, stage.layer, x), p.at_metric_positions(stage.dst.start))
+                    self.outputs[stage.out.start] = (mlp(w, stage.layer, x), self.at(stage.dst.start))
                 continue
             self.attention(i)
         raise AssertionError("unreachable: the last stage is the logits")
@@ -378,8 +416,13 @@ class _Propagation:
         W, b = w.qkv_weights(which)
         return self._rotated(which, dst, torch.matmul(w.ln1.at(layer)(x), W[layer, h]) + b[layer, h])
 
+    def at(self, dst: int) -> bool:
+        """Destination dst is read at the metric positions only (in the state's circuit, which every candidate
+        shares downstream of d)."""
+        return self.state.at_metric(self.p, dst)
+
     def current_input(self, dst: int) -> Tensor:
-        at = self.p.at_metric_positions(dst)
+        at = self.at(dst)
         return self.state.inputs_at[dst] if at else self.state.inputs[dst]
 
     def current_output(self, s: int, at: bool) -> Tensor:
@@ -387,7 +430,7 @@ class _Propagation:
 
     def input_of(self, i: int, dst: int) -> Tensor | None:
         """Destination dst's input in each candidate, or None where no candidate changes it."""
-        at = self.p.at_metric_positions(dst)
+        at = self.at(dst)
         if dst in self.new_inputs:  # a shared k or v input, read by each head of its group
             return self.new_inputs[dst]
         if dst == self.d:
@@ -401,7 +444,7 @@ class _Propagation:
             fed = [s for s in self.outputs if kept[s][dst]]
             if not fed:
                 return None
-            cut = [s for s in self.outputs if not kept[s][dst]]
+            cut = [s for s in self.changed(at) if not kept[s][dst]]
             if len(cut) + 1 < len(fed):  # a dense circuit: every change but the few cut ones, as one total
                 x = self.input_from_total(dst, at, cut)
             else:
@@ -424,7 +467,7 @@ class _Propagation:
         read (a stage's inputs are formed before its outputs), so a destination fed by most of them reads this
         total minus the few it does not keep. Kept as a running sum, extended by the sources added since."""
         total, n = self._totals.get(at, (None, 0))
-        changed = list(self.outputs)
+        changed = self.changed(at)
         for s in changed[n:]:
             c = self.change(s, at)
             if total is None:
@@ -436,13 +479,18 @@ class _Propagation:
         self._totals[at] = (total, len(changed))
         return total
 
+    def changed(self, at: bool) -> list[int]:
+        """The sources recomputed so far, in order; away from the metric positions (`at` False) those computed
+        there as well (one computed at the metric positions only feeds no destination read elsewhere)."""
+        return list(self.outputs) if at else [s for s, (_, restricted) in self.outputs.items() if not restricted]
+
     def change(self, s: int, at: bool) -> Tensor:
         """Source s's new output minus its current one [k, batch, P, d] (computed once for all its readers)."""
         key = (s, at)
         if key not in self._changes:
             value, restricted = self.outputs[s]
             if restricted and not at:
-                raise AssertionError("a last-layer source feeds a destination read at every position")
+                raise AssertionError("a source computed at the metric positions feeds a destination read elsewhere")
             new = value[..., self.p.positions, :] if at and not restricted else value
             self._changes[key] = new - self.current_output(s, at)
         return self._changes[key]

@@ -97,6 +97,8 @@ class EdgePatcher:
         self.stages = _stages(self.graph)
         self.biases = self._stage_biases()
         self._at_metric = [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)]
+        # the same as a tensor (CPU), for the circuits that read more destinations there (`read_at_metric_positions`)
+        self.metric_only_destinations = torch.tensor(self._at_metric, dtype=torch.bool)
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor] = {}
         self._qkv_columns: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -209,23 +211,23 @@ class EdgePatcher:
         w = self.weights
         if masks is None:
             return self._unpatched(emb, keep)
-        blocks = [emb]
+        # every source's output, written stage by stage into one tensor that each stage reads a prefix of
+        sources = emb.new_empty(max(emb.shape[0], masks.shape[0]), self.graph.n_sources, *emb.shape[2:])
+        sources[:, : emb.shape[1]] = emb
         inputs = []
         for stage, bias in zip(self.stages, self.biases):
-            sources = blocks[0] if len(blocks) == 1 else _cat_sources(blocks)
-            x = self._stage_input(sources, stage, bias, masks)
+            x = self._stage_input(sources[:, : stage.n_below], stage, bias, masks)
             if keep:
                 inputs.append(x)
             if stage.kind is NodeKind.HEAD_INPUT:
                 H, Hkv = self.graph.n_heads, self.graph.kv_heads
                 all_pos = torch.arange(x.shape[-2], device=self.device)
-                blocks.append(attend(w, stage.layer, x[:, :H], x[:, H:H + Hkv], x[:, H + Hkv:], all_pos))
+                sources[:, stage.out] = attend(w, stage.layer, x[:, :H], x[:, H:H + Hkv], x[:, H + Hkv:], all_pos)
             elif stage.kind is NodeKind.MLP:
-                blocks.append(mlp(w, stage.layer, x))
+                sources[:, stage.out] = mlp(w, stage.layer, x)
             else:
                 logits = unembed(w, x[:, 0][..., self.positions, :])
-        sources = _cat_sources(blocks) if keep else None
-        return Run(logits, sources, tuple(inputs) if keep else None)
+        return Run(logits, sources if keep else None, tuple(inputs) if keep else None)
 
     def _unpatched(self, emb: Float[Tensor, "k n_embed batch pos d_model"], keep: bool) -> Run:
         """Every edge kept: the model's own forward (one LayerNorm per layer), each stage's destinations reading
@@ -310,12 +312,6 @@ def mean_or_zero_values(ablation: Ablation, sources: Float[Tensor, "n_src batch 
     if ablation is Ablation.MEAN:
         return sources.mean(dim=1, keepdim=True)
     raise ValueError(f"ablation: {ablation.value!r} carries the corrupted run's values, not a zero or a mean")
-
-
-def _cat_sources(blocks: list[Tensor]) -> Tensor:
-    """Concatenate source blocks [k_i, n_i, ...] along the source axis, broadcasting the leading axis."""
-    k = max(b.shape[0] for b in blocks)
-    return torch.cat([b.expand(k, *b.shape[1:]) for b in blocks], dim=1)
 
 
 def _ablation(ablation: Ablation | str) -> Ablation:

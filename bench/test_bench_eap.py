@@ -11,8 +11,10 @@ than wall time, which counts the time the process waited), and the `budget`. The
 reference computes no scores; the scores are checked finite.
 
 FULL: GPT-2-small-shaped native models (12 layers × 12 heads, d_model 768, d_head 64, vocabulary 1,000), one
-with MLPs (d_mlp 3,072, GELU; 32,936 edges) and one attention-only, on an induction task of 8 × 25 tokens.
-Short mode: a 2 × 4, d_model 64 model with MLPs, 4 × 13 tokens.
+with MLPs (d_mlp 3,072, GELU; 32,936 edges) and one attention-only, and a LLaMA-shaped Hugging Face model of the
+same size class (12 layers × 12 heads with 4 key/value heads, d_model 768, SwiGLU d_mlp 2,048, RMSNorm, rotary),
+on an induction task of 8 × 25 tokens. Short mode: a 2 × 4, d_model 64 native model with MLPs and a LLaMA-shaped
+one of that size, 4 × 13 tokens.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ import torch
 
 from bench.conftest import FULL
 from circuits.graph import eap
-from circuits.models import ModelSpec, build
+from circuits.models import ModelSpec, build, random_llama
 from circuits.tasks import induction_task
 
 if FULL:
-    MODELS = {"gpt2small-mlp": ModelSpec(12, 768, 12, 64, 1000, 64, d_mlp=3072, act_fn="gelu"),
-              "gpt2small-attn-only": ModelSpec(12, 768, 12, 64, 1000, 64)}
+    MODELS = {"gpt2small-mlp": lambda: build(ModelSpec(12, 768, 12, 64, 1000, 64, d_mlp=3072, act_fn="gelu")),
+              "gpt2small-attn-only": lambda: build(ModelSpec(12, 768, 12, 64, 1000, 64)),
+              "llama-gpt2small": lambda: random_llama(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_vocab=1000,
+                                                      n_ctx=64, d_mlp=2048)}
     BATCH, HALF, VOCAB = 8, 12, 1000
 else:
-    MODELS = {"2l-mlp-short": ModelSpec(2, 64, 4, 16, 64, 32, d_mlp=256, act_fn="gelu")}
+    MODELS = {"2l-mlp-short": lambda: build(ModelSpec(2, 64, 4, 16, 64, 32, d_mlp=256, act_fn="gelu")),
+              "2l-llama-short": lambda: random_llama(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_vocab=64,
+                                                     n_ctx=32, d_mlp=128)}
     BATCH, HALF, VOCAB = 4, 6, 64
 STEPS = 8
 BUDGET = {0: 4, STEPS: 3 * STEPS + 2}
@@ -46,7 +52,7 @@ def task():
 
 def _model(name: str):
     if name not in _MODELS:
-        _MODELS[name] = build(MODELS[name], seed=0)
+        _MODELS[name] = MODELS[name]()  # seed 0
     return _MODELS[name]
 
 

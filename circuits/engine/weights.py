@@ -186,6 +186,21 @@ class Weights:
         return torch.cat([self.b_Q, self.b_K, self.b_V], 1).flatten(1)
 
     @functools.cached_property
+    def W_QKV_folded(self) -> Float[Tensor, "layer d_model qkv"]:
+        """`W_QKV` with ln1's gain folded in (γ ⊙ W), each column centred over d_model for a LayerNorm: the
+        product that maps ln1's standardised input x̂ to q, k, v less `b_QKV_folded` (transformer_lens's
+        `fold_ln` of ln1). Edge attribution's gradients at the residual stream go through it."""
+        gain = self.ln1.weight
+        W = self.W_QKV if gain is None else gain[..., None] * self.W_QKV
+        return W - W.mean(1, keepdim=True) if self.ln1.centred else W
+
+    @functools.cached_property
+    def b_QKV_folded(self) -> Float[Tensor, "layer qkv"]:
+        """`b_QKV` plus ln1's offset times `W_QKV` (the bias of `W_QKV_folded`)."""
+        bias = self.ln1.bias
+        return self.b_QKV if bias is None else self.b_QKV + torch.einsum("lm,lmq->lq", bias, self.W_QKV)
+
+    @functools.cached_property
     def W_KV(self) -> Float[Tensor, "layer d_model kv_head_d"]:
         """Keys' and values' weights side by side ([d_model, 2 · kv_head · d_head] per layer), for one product."""
         L, H, m, d = self.W_K.shape

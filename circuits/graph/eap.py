@@ -283,8 +283,9 @@ class _HeadInputScores:
     At each position, with x̂ and σ of the run and γ the norm's gain, the gradient at the residual stream of
     head input d (its q, k or v reading ln1's output) is
         J_lnᵀ W_d g = W̃_d (g/σ) − x̂ (h · g/σ) / d_model,
-    where W̃_d = γ ⊙ W_d with each column centred over d_model (LayerNorm only) and h = x̂ γ W_d is the
-    q, k or v the run computed minus its bias and the norm's offset times W_d. The first term is linear in
+    where W̃_d = γ ⊙ W_d with each column centred over d_model (LayerNorm only; `Weights.W_QKV_folded`) and
+    h = x̂ γ W_d is the q, k or v the run computed minus its bias and the norm's offset times W_d
+    (`Weights.b_QKV_folded`). The first term is linear in
     Σ_runs g/σ: one projection to d_model for all runs. The second is a product of per-position scalars with
     x̂, of rank k for k runs. With one run the head inputs' gradients sum to the residual stream's, which the
     backward returns in place of its own product; with several it computes that product per run as usual.
@@ -300,7 +301,6 @@ class _HeadInputScores:
         self.rank: dict[int, list[tuple[Tensor, Tensor]]] = {}  # their (h · g/σ, x̂)
         self.kept: dict[int, Tensor] | None = {} if keep else None
         self._pair: Tensor | None = None  # [2, head inputs, rows, d_model]: the upper layer's, then the lower's
-        self._gained: Tensor | None = None  # W̃ of the layer being scored, [d_model, head inputs · d_head]
 
     def qkv(self, layer: int, resid: Float[Tensor, "k batch pos d_model"]) -> Float[Tensor, "rows qkv"]:
         """ln1 and the q/k/v product of `layer` (the forward's `qkv_from`), scored in its backward."""
@@ -317,7 +317,7 @@ class _HeadInputScores:
         if norm.kind is not None:
             xhat, sigma = norm.standardise(resid.reshape(K, rows, D))
             g = g / sigma[..., None]
-            h = qkv.view(K, rows, n_in, E) - _gained_bias(w, norm, layer).view(n_in, E)
+            h = qkv.view(K, rows, n_in, E) - w.b_QKV_folded[layer].view(n_in, E)
             rank = ((h * g).sum(-1), xhat)  # h · g/σ [k, rows, head inputs]
         summed = g.sum(0) if K > 1 else g[0]
         if layer in self.summed:
@@ -345,11 +345,7 @@ class _HeadInputScores:
         """Σ_runs J_lnᵀ W_d g_d of every head input d, into `out`: the projection of Σ g/σ through W̃, less the
         rank-k term."""
         n_in, D = out.shape[0], out.shape[-1]
-        W = self.w.W_QKV[layer]
-        if norm.kind is not None:
-            if self._gained is None:
-                self._gained = torch.empty_like(W)
-            W = _gained_weights(norm, W, out=self._gained)
+        W = self.w.W_QKV[layer] if norm.kind is None else self.w.W_QKV_folded[layer]
         W_t = W.view(D, n_in, -1).permute(1, 2, 0)  # [head inputs, d_head, d_model], strided
         torch.bmm(summed.transpose(0, 1).contiguous(), W_t, out=out)
         if len(ranks) == 1 and len(ranks[0][0]) == 1:
@@ -398,21 +394,3 @@ class _NormQKV(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
         resid, qkv = ctx.saved_tensors
         return ctx.heads.backward(ctx.layer, resid, qkv, grad), None, None
-
-
-def _gained_weights(norm, W: Float[Tensor, "d_model qkv"], *, out: Tensor) -> Float[Tensor, "d_model qkv"]:
-    """W̃ = γ ⊙ W of a layer's fused q/k/v weights, each column centred over d_model for a LayerNorm: the norm's
-    Jacobian without its 1/σ and x̂ terms, folded into the projection (into `out`)."""
-    gain = norm.gain()
-    if gain is None:
-        gain = torch.ones_like(W[:, 0])
-    mean = gain @ W / W.shape[0] if norm.centred else torch.zeros_like(W[0])
-    return torch.addcmul(-mean, gain[:, None], W, out=out)
-
-
-def _gained_bias(w: Weights, norm, layer: int) -> Float[Tensor, " qkv"]:
-    """b̃ = b + offset · W of a layer's fused q/k/v product: the bias of the product of x̂ γ (q, k, v less it
-    are h = x̂ γ W)."""
-    offset = norm.offset()
-    b = w.b_QKV[layer]
-    return b if not isinstance(offset, Tensor) else b + offset @ w.W_QKV[layer]

@@ -11,6 +11,11 @@ assert the same decisions):
   circuits evaluated and batched calls, and the plain algorithm's forward count for it.
 - `graph-acdc-walk-1e-4-sample-gpt2small`: threshold 1e-4, a denser circuit; `extra_info` of ours records the
   WHOLE walk as above; the sample is the first two layer-1 destinations that walk evaluates.
+- `graph-acdc-sparse-sample-llama-gpt2small`: the same on a LLaMA-shaped model of the same size class (12 layers ×
+  12 heads with 4 key/value heads, d_model 768, SwiGLU d_mlp 2,048, RMSNorm, rotary; its matrices 4× their initial
+  scale, as in `bench/test_bench_architectures.py`, since at 0.02 a random model's output barely depends on its
+  input), threshold 0.09 (1/50 of the fully ablated model's KL, 4.58): a sparse circuit; the sample is every
+  layer-1 destination the walk evaluates.
 - `graph-acdc-dense-above-gpt2small`: the worst reach: destination L1H0.q with the full circuit above it and
   threshold 1e-9 (every edge that carries a difference stays), so each of its 15 candidates recomputes every
   layer above; the peak memory of this row is the bound of goal 1 at its largest reach.
@@ -29,9 +34,9 @@ from circuits.graph import ComputeGraph, acdc
 from circuits.graph.incremental import circuit_state
 from circuits.graph.metric import resolve_metric
 from circuits.graph.patching import EdgePatcher
-from circuits.models import random_gpt2
+from circuits.models import random_gpt2, random_llama
 from circuits.tasks import induction_task
-from tests.helpers import reference_acdc
+from tests.helpers import reference_acdc, scale_matrices
 
 pytestmark = pytest.mark.skipif(not FULL, reason="full benchmark only (BENCH_FULL=1)")
 acdc_module = importlib.import_module("circuits.graph.acdc")  # the package exports the function `acdc`
@@ -41,10 +46,23 @@ DENSE = 1e-9  # above float rounding of a KL near 0, below any edge that carries
 _CACHE: dict[str, object] = {}
 
 
-@pytest.fixture(scope="module")
-def model():
+def _build(name: str):
+    if name == "llama":
+        return scale_matrices(random_llama(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_vocab=1000, n_ctx=64,
+                                           d_mlp=2048), 4)
     torch.manual_seed(0)
     return random_gpt2(n_layers=12, d_model=768, n_heads=12, d_vocab=1000, n_ctx=64)
+
+
+def _model(name: str):
+    if f"model-{name}" not in _CACHE:
+        _CACHE[f"model-{name}"] = _build(name)
+    return _CACHE[f"model-{name}"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model("gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +72,7 @@ def task():
 
 def _whole_walk(model, task, threshold=SPARSE) -> dict:
     """Ours on the whole walk at `threshold`, once, recording the circuit before each destination it evaluates."""
-    key = f"whole-{threshold}"
+    key = f"whole-{id(model)}-{threshold}"
     if key not in _CACHE:
         before: dict[int, torch.Tensor] = {}
         evaluate = acdc_module._Walk.exact_destination
@@ -113,20 +131,22 @@ def _reference_on(model, task, threshold, starts: dict[int, torch.Tensor]) -> di
     return out
 
 
-# the walks whose samples are timed: threshold, group, and how many of the layer-1 destinations (None: all)
-WALKS = {"sparse": (SPARSE, "graph-acdc-sparse-sample-gpt2small", None),
-         "denser": (DENSER, "graph-acdc-walk-1e-4-sample-gpt2small", 2)}
+# the walks whose samples are timed: model, threshold, group, and how many of the layer-1 destinations (None: all)
+WALKS = {"sparse": ("gpt2", SPARSE, "graph-acdc-sparse-sample-gpt2small", None),
+         "denser": ("gpt2", DENSER, "graph-acdc-walk-1e-4-sample-gpt2small", 2),
+         "llama-sparse": ("llama", 0.09, "graph-acdc-sparse-sample-llama-gpt2small", None)}
 
 
 def _walk_starts(model, task, walk: str) -> dict[int, torch.Tensor]:
-    threshold, _, most = WALKS[walk]
+    _, threshold, _, most = WALKS[walk]
     before = _whole_walk(model, task, threshold)["before"]
     return {d: before[d] for d in _sample(model, task, threshold, most)}
 
 
 @pytest.mark.parametrize("walk", list(WALKS))
-def test_acdc_walk_sample_ours(run_bench, benchmark, model, task, walk):
-    threshold, group, _ = WALKS[walk]
+def test_acdc_walk_sample_ours(run_bench, benchmark, task, walk):
+    name, threshold, group, _ = WALKS[walk]
+    model = _model(name)
     starts = _walk_starts(model, task, walk)
     cols = run_bench(lambda: _ours_on(model, task, threshold, starts), group=group, side="ours", rounds=1)
     benchmark.extra_info.update(_whole_walk_info(model, task, threshold, starts))
@@ -134,8 +154,9 @@ def test_acdc_walk_sample_ours(run_bench, benchmark, model, task, walk):
 
 
 @pytest.mark.parametrize("walk", list(WALKS))
-def test_acdc_walk_sample_reference(run_bench, model, task, walk):
-    threshold, group, _ = WALKS[walk]
+def test_acdc_walk_sample_reference(run_bench, task, walk):
+    name, threshold, group, _ = WALKS[walk]
+    model = _model(name)
     starts = _walk_starts(model, task, walk)
     cols = run_bench(lambda: _reference_on(model, task, threshold, starts), group=group, side="reference", rounds=1)
     ours = _CACHE.get(f"{walk}-ours") or _ours_on(model, task, threshold, starts)

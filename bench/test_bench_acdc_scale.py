@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from bench.conftest import FULL, peak_memory_mb
+from circuits.allocator import heap_reuse
 from circuits.graph import ComputeGraph, acdc
 from circuits.graph.incremental import circuit_state
 from circuits.graph.metric import resolve_metric
@@ -113,11 +114,9 @@ def _ours_on(model, task, threshold, starts: dict[int, torch.Tensor]) -> dict[in
     p = EdgePatcher(model, task)
     gm = resolve_metric(task, "kl", p.clean_logits_full)
     out = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), heap_reuse():  # as `acdc` runs its walk
         for d, mask in starts.items():
-            walk = acdc_module._Walk(p, gm, threshold, "latest_first")
-            walk.state = circuit_state(p, mask.to(p.device))
-            walk.loss = float(gm.loss(walk.state.logits[None])[0])
+            walk = acdc_module._Walk(p, gm, threshold, "latest_first", state=circuit_state(p, mask.to(p.device)))
             walk.exact_destination(d)
             out[d] = walk.state.mask[:, d].cpu()
     return out

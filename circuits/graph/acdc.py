@@ -183,11 +183,12 @@ class _Walk:
     """ACDC's running state: the circuit, its run, its loss, the scores and the cost so far."""
 
     def __init__(self, patcher: EdgePatcher, metric: GraphMetric, threshold: float, order: str,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, state: CircuitState | None = None):
+        """`state`: the circuit to start from (default: the full circuit, the patcher's clean run)."""
         self.patcher, self.metric, self.threshold, self.order = patcher, metric, threshold, order
         self.chunk_size = chunk_size
         self.graph = patcher.graph
-        self.state: CircuitState = clean_state(patcher)
+        self.state: CircuitState = clean_state(patcher) if state is None else state
         self.loss = float(metric.loss(self.state.logits[None])[0])
         self.scores = torch.full(self.graph.valid.shape, math.nan)
         self.n_forwards, self.n_batches = 1, 1

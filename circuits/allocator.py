@@ -12,10 +12,10 @@ first large tensor. It costs microseconds, touches no memory, and afterwards up 
 kept for reuse instead of returned. With another C library or allocator it is a harmless allocation.
 
 Blocks above 32 MiB are always mapped afresh, so a loop that allocates and frees them (ACDC's chunks of
-candidates, EAP's source differences) faults every page in again each time. `heap_reuse()` lifts both
-thresholds for the duration of such a call, so that those blocks come from the heap and are reused, and on
-leaving puts them back to the ceiling and returns the free heap to the system (`malloc_trim`): the process's
-memory afterwards is what it would have been without it.
+candidates) faults every page in again each time. `heap_reuse()` lifts both thresholds for the duration of such
+a loop, so that those blocks come from the heap and are reused, and on leaving sets them to the ceiling above
+and returns the free heap to the system (`malloc_trim`). A block allocated once per call gains nothing from it:
+it is faulted in once either way.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import torch
 
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-_LIFTED_MMAP = 2**30  # while lifted, only blocks above 1 GiB are mapped (mallopt's largest value mapped some less)
+_LIFTED_MMAP = 2**30  # while lifted, only blocks above 1 GiB are mapped (at mallopt's largest value some 96 MiB
+# blocks were still mapped afresh)
 _LIFTED_TRIM = 2**31 - 1  # mallopt's largest value: no free memory is returned while lifted
 _settled = False
 _depth = 0  # nesting of heap_reuse scopes: only the outermost lifts and restores
@@ -60,8 +61,8 @@ def _glibc() -> ctypes.CDLL | None:
 @contextlib.contextmanager
 def heap_reuse() -> Iterator[None]:
     """Within the block, glibc serves blocks up to 1 GiB from its heap and keeps freed memory for reuse; on
-    leaving the outermost block its thresholds return to their adaptive ceiling (mmap 32 MiB, trim 64 MiB)
-    and the free heap is returned to the system. Nestable; a no-op without glibc.
+    leaving the outermost block its thresholds are set to the ceiling `settle_allocator` lets glibc reach (mmap
+    32 MiB, trim 64 MiB) and the free heap is returned to the system. Nestable; a no-op without glibc.
     Example: `with heap_reuse(): walk()`"""
     global _depth
     libc = _glibc()

@@ -1,5 +1,5 @@
 """settle_allocator: after it, the memory of a patching call's chunks is reused, not faulted in again; heap_reuse:
-within it, blocks above 32 MiB are reused too, and leaving it restores the thresholds (glibc)."""
+within it, blocks above 32 MiB are reused too, and leaving it returns their memory to the system (glibc)."""
 
 from __future__ import annotations
 

@@ -402,7 +402,7 @@ class _Propagation:
                 continue
             x = group[0][3]
             W, b = self.p.qkv_columns(layer, tuple((h, which) for h, which, _, _ in group))
-            y = torch.addmm(b.flatten(), w.ln1.at(layer)(x).flatten(0, -2), W).view(*x.shape[:-1], *b.shape)
+            y = affine(w.ln1.at(layer)(x), W, b.flatten()).view(*x.shape[:-1], *b.shape)
             for j, (_, which, dst, _) in enumerate(group):
                 self.new_projected[dst] = self._rotated(which, dst, y[..., j, :])
 
@@ -414,7 +414,7 @@ class _Propagation:
     def _project(self, layer: int, h: int, which: int, dst: int, x: Tensor) -> Tensor:
         w = self.p.weights
         W, b = w.qkv_weights(which)
-        return self._rotated(which, dst, torch.matmul(w.ln1.at(layer)(x), W[layer, h]) + b[layer, h])
+        return self._rotated(which, dst, affine(w.ln1.at(layer)(x), W[layer, h], b[layer, h]))
 
     def at(self, dst: int) -> bool:
         """Destination dst is read at the metric positions only (in the state's circuit, which every candidate

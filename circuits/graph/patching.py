@@ -96,9 +96,11 @@ class EdgePatcher:
         self.positions = task.positions.to(self.device)
         self.stages = _stages(self.graph)
         self.biases = self._stage_biases()
-        self._at_metric = [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)]
-        # the same as a tensor (CPU), for the circuits that read more destinations there (`read_at_metric_positions`)
-        self.metric_only_destinations = torch.tensor(self._at_metric, dtype=torch.bool)
+        # the destinations every circuit reads at the metric positions only (CPU; circuits that read more there
+        # start from it: `read_at_metric_positions`), and as a list for the per-destination lookups
+        self.metric_only_destinations = torch.tensor(
+            [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)], dtype=torch.bool)
+        self._at_metric = self.metric_only_destinations.tolist()
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor] = {}
         self._qkv_columns: dict[tuple, tuple[Tensor, Tensor]] = {}

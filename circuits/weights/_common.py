@@ -1,4 +1,10 @@
-"""Weight access shared by the weight-only analyses: detached stacked weights, LayerNorm folding, argument checks."""
+"""Weight access shared by the weight-only analyses: detached stacked weights, LayerNorm folding, argument checks.
+
+Every weight is read through the engine's reader (`circuits.engine.Weights.of`), the one place that resolves a
+checkpoint's conventions: Gemma's norm weights (1 + w) and embedding scale, key/value heads shared under
+grouped-query attention, biases the checkpoint lacks. Rotary position embeddings have no weight-only
+reading of the query-key side: the analyses that need one refuse such a model (`require_learned_positions`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,11 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
+from circuits.engine import Weights
+from circuits.engine.primitives import expand_kv
+
 _CENTRED_NORMS = ("LN", "LNPRE")
-_SUPPORTED_NORMS = (None, "LN", "LNPRE")
+_PER_KV_HEAD = ("W_K", "W_V", "b_K", "b_V")
 
 
 def n_layers(model: TransformerBridge) -> int:
@@ -46,21 +55,45 @@ def centre(W: Float[Tensor, "... d_model d"]) -> Float[Tensor, "... d_model d"]:
     return W - W.mean(dim=-2, keepdim=True)
 
 
+def _norm(model: TransformerBridge, layer: int | None):
+    w = Weights.of(model)
+    return w.ln_final if layer is None else w.ln1.at(layer)
+
+
 def ln_weight(model: TransformerBridge, layer: int | None) -> Tensor | None:
-    """The LayerNorm weight before block `layer`'s attention (`None`: the final LayerNorm), or None if absent."""
-    if norm_type(model) is None:
-        return None
-    ln = model.ln_final if layer is None else model.blocks[layer].ln1
-    w = getattr(ln, "w", None)
-    return None if w is None else w.detach()
+    """The norm weight before block `layer`'s attention (`None`: the final norm) as the model multiplies by it
+    (Gemma's 1 + w), or None if absent."""
+    return _norm(model, layer).weight
 
 
 def ln_bias(model: TransformerBridge, layer: int | None) -> Tensor | None:
-    if norm_type(model) is None:
-        return None
-    ln = model.ln_final if layer is None else model.blocks[layer].ln1
-    b = getattr(ln, "b", None)
-    return None if b is None else b.detach()
+    """The norm bias before block `layer`'s attention (`None`: the final norm), or None if absent."""
+    return _norm(model, layer).bias
+
+
+def token_embedding(model: TransformerBridge) -> Float[Tensor, "d_vocab d_model"]:
+    """W_E as the model adds it to the residual stream: times its embedding scale (Gemma's √d_model, the
+    scale `circuits.engine.embed` applies)."""
+    w = Weights.of(model)
+    if w.embed_scale == 1.0:
+        return w.W_E
+    return w.W_E * torch.tensor(w.embed_scale, dtype=w.W_E.dtype)
+
+
+def learned_positions(model: TransformerBridge, what: str) -> Float[Tensor, "n_ctx d_model"]:
+    """W_pos; a ValueError naming `what` for a model with rotary position embeddings (it has none)."""
+    require_learned_positions(model, what)
+    return Weights.of(model).W_pos
+
+
+def require_learned_positions(model: TransformerBridge, what: str) -> None:
+    """Refuse (ValueError naming `what`) a model with rotary position embeddings: there a query-key score
+    depends on the two positions through a rotation, so no circuit read from the weights alone gives it."""
+    if Weights.of(model).rotary is not None:
+        raise ValueError(
+            f"model: {what} reads the query-key side or the position embeddings from the weights, but this model "
+            "uses rotary position embeddings (its scores depend on where query and key sit, and it has no W_pos); "
+            "the OV side (full_ov_circuit, copying_scores, V-composition) does not depend on positions")
 
 
 def fold_reader(
@@ -80,8 +113,12 @@ def fold_reader(
 
 
 def stacked(model: TransformerBridge, name: str) -> Tensor:
-    """A detached stacked weight (`W_Q`, `W_K`, `W_V` [L,H,d_model,d_head], `W_O` [L,H,d_head,d_model], ...)."""
-    return getattr(model, name).detach()
+    """A detached stacked weight (`W_Q`, `W_K`, `W_V` [L,H,d_model,d_head], `W_O` [L,H,d_head,d_model], ...). Keys
+    and values (weights and biases) have one entry per query head: under grouped-query attention head h's is
+    its key/value head's (h // group size), as the model computes it."""
+    w = Weights.of(model)
+    t = getattr(w, name)
+    return expand_kv(w, t, axis=1) if name in _PER_KV_HEAD else t
 
 
 def read_weights(
@@ -95,5 +132,5 @@ def read_weights(
 
 
 def unembed(model: TransformerBridge, fold_layernorm: bool) -> Float[Tensor, "d_model d_vocab"]:
-    W_U = model.W_U.detach()
+    W_U = Weights.of(model).W_U
     return fold_reader(model, W_U, None) if fold_layernorm else W_U

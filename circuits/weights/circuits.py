@@ -5,7 +5,10 @@ the OV circuit of a head is W_V·W_O [d_model, d_model]; its QK circuit W_Q·W_K
 `fold_layernorm=True` (the default) each reading matrix has its LayerNorm's centring and weight folded
 in, C·diag(w)·W (what `process_weights(fold_ln=True)` does); the input-dependent 1/σ of LayerNorm and
 the biases are left out (they are not functions of the weights alone). For a model without LayerNorm
-the flag changes nothing.
+the flag changes nothing. RMSNorm folds its weight only (it does not centre); the embeddings are the ones the
+model adds (Gemma's scaled by √d_model) and under grouped-query attention each head reads its key/value head's
+W_K and W_V. A model with rotary position embeddings has OV circuits here but no QK circuit through the
+embeddings (`full_qk_circuit` refuses it).
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import FactoredMatrix, TransformerBridge
 
+from circuits.engine import Weights
 from circuits.weights._common import (
     check_choice,
     check_layer_head,
     fold_reader,
-    ln_bias,
-    ln_weight,
-    norm_type,
+    learned_positions,
+    require_learned_positions,
     stacked,
+    token_embedding,
     unembed,
 )
 
@@ -40,7 +44,7 @@ def attention_scale(model: TransformerBridge) -> float:
 
 
 def _embedding(model: TransformerBridge, side: str) -> Float[Tensor, "n d_model"]:
-    return (model.W_E if side == "token" else model.W_pos).detach()
+    return token_embedding(model) if side == "token" else learned_positions(model, "full_qk_circuit")
 
 
 def _head_reader(model: TransformerBridge, name: str, layer: int, head: int, fold_layernorm: bool) -> Tensor:
@@ -81,6 +85,7 @@ def full_qk_circuit(
     check_layer_head(model, layer, head)
     check_choice("query", query, _SIDES)
     check_choice("key", key, _SIDES)
+    require_learned_positions(model, "full_qk_circuit")
     A = _embedding(model, query) @ _head_reader(model, "W_Q", layer, head, fold_layernorm) / attention_scale(model)
     B = (_embedding(model, key) @ _head_reader(model, "W_K", layer, head, fold_layernorm)).T
     return FactoredMatrix(A, B)
@@ -90,36 +95,28 @@ def bigram_table(model: TransformerBridge, *, position: int | None = None) -> Fa
     """The direct path embed → final LayerNorm → unembed as logits, [d_vocab (current), d_vocab (next)].
 
     Row t holds the logits that the direct path gives when the residual stream is W_E[t] (plus W_pos[position]
-    when `position` is given). The final LayerNorm is applied exactly to that vector (its centring, 1/σ of
-    the vector itself, weight and bias) and the unembedding bias is included, so for a 0-layer model with
-    `position=p` row t equals the model's logits at position p of any input with token t there. In a model
-    with attention layers the real direct path is divided by the σ of the whole residual stream, so the
-    table is the embedding's own reading of the unembedding (exact only for n_layers=0).
+    when `position` is given). The final norm is applied exactly to that vector (LayerNorm's centring, the 1/σ
+    of the vector itself, weight and bias; RMSNorm's 1/rms and weight) and the unembedding bias is included, so
+    for a 0-layer model with `position=p` row t equals the model's logits at position p of any input with token
+    t there. In a model with attention layers the real direct path is divided by the σ of the whole residual
+    stream, so the table is the embedding's own reading of the unembedding (exact only for n_layers=0).
     Factored with inner dimension d_model + 1 (the extra dimension carries the biases).
     Example: `bigram_table(model).AB.softmax(-1)` (a next-token distribution per token)
     """
-    W_E = model.W_E.detach()
+    W_E = token_embedding(model)
     if position is not None:
         n_ctx = int(model.cfg.n_ctx)
         if not isinstance(position, int) or not 0 <= position < n_ctx:
             raise ValueError(f"position must be None or an integer in [0, {n_ctx}), got {position!r}")
-        W_E = W_E + model.W_pos.detach()[position]
-    W_U = model.W_U.detach()
-    b_U = getattr(model, "b_U", None)
-    bias = b_U.detach() if b_U is not None else torch.zeros(W_U.shape[1], device=W_U.device)
-    nt = norm_type(model)
-    if nt is None:
-        x = W_E
-    elif nt in ("LN", "LNPRE"):
-        centred = W_E - W_E.mean(-1, keepdim=True)
-        x = centred / (centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
-        w, b = ln_weight(model, None), ln_bias(model, None)
-        if w is not None:
-            W_U = w[:, None] * W_U
-        if b is not None:
-            bias = bias + b @ model.W_U.detach()
-    else:
-        raise ValueError(f"bigram_table: normalization_type must be None, 'LN' or 'LNPre', got {nt!r}")
+        W_E = W_E + learned_positions(model, "bigram_table(position=...)")[position]
+    w = Weights.of(model)
+    W_U, bias = w.W_U, w.b_U
+    final = w.ln_final  # applied exactly to each row: x̂ (its own 1/σ), then weight and bias, factored out
+    x = W_E if final.kind is None else final.standardise(W_E)[0]
+    if final.weight is not None:
+        W_U = final.weight[:, None] * W_U
+    if final.bias is not None:
+        bias = bias + final.bias @ w.W_U
     A = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
     B = torch.cat([W_U, bias.to(W_U)[None, :]], dim=0)
     return FactoredMatrix(A, B)

@@ -26,7 +26,13 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.results import LabelledResult, head_labels, head_name, layer_labels
-from circuits.weights._common import check_choice, read_weights, require_attention, stacked
+from circuits.weights._common import (
+    check_choice,
+    read_weights,
+    require_attention,
+    require_learned_positions,
+    stacked,
+)
 
 KINDS: tuple[str, ...] = ("Q", "K", "V")
 
@@ -317,6 +323,8 @@ def composition_scores(
     check_choice("kind", kind, KINDS)
     check_choice("method", method, ("auto", "blocks", "gram"))
     require_attention(model, "composition_scores")
+    if kind != "V":
+        require_learned_positions(model, f'composition_scores(kind="{kind}")')
     with torch.no_grad():
         earlier = _EarlierHeads(_left_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O")))
         (scores,) = _pair_scores(earlier, [_right_factors(model, kind, fold_layernorm)], method)
@@ -337,6 +345,7 @@ def all_composition_scores(
     """
     check_choice("method", method, ("auto", "blocks", "gram"))
     require_attention(model, "all_composition_scores")
+    require_learned_positions(model, 'all_composition_scores (composition_scores(model, "V") does not need them)')
     with torch.no_grad():
         earlier = _EarlierHeads(_left_factor(read_weights(model, "W_V", fold_layernorm), stacked(model, "W_O")))
         rights = [_right_factors(model, kind, fold_layernorm) for kind in KINDS]

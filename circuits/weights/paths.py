@@ -21,9 +21,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
+from circuits.engine import Weights
 from circuits.results import LabelledResult, head_name
 from circuits.validate import check_tokens
-from circuits.weights._common import ln_bias, ln_weight, n_layers, norm_type, stacked
+from circuits.weights._common import (
+    learned_positions,
+    ln_bias,
+    ln_weight,
+    n_layers,
+    norm_type,
+    stacked,
+    token_embedding,
+)
 
 MAX_LAYERS = 2
 
@@ -125,7 +134,7 @@ def path_expansion(model: TransformerBridge, tokens: Int[Tensor, "batch pos"]) -
             return cache[name] if norm_type(model) is not None else None
 
         P = tokens.shape[1]
-        embed = (model.W_E.detach()[tokens] + model.W_pos.detach()[:P])[None]  # [1, b, p, m]
+        embed = (token_embedding(model)[tokens] + learned_positions(model, "path_expansion")[:P])[None]  # [1, b, p, m]
         names, resid = ["direct"], [embed]
         const = torch.zeros_like(embed)
         if L >= 1:
@@ -146,10 +155,10 @@ def path_expansion(model: TransformerBridge, tokens: Int[Tensor, "batch pos"]) -
             resid.append(einops.rearrange(read[1 : 1 + H], "a b ... -> (a b) ..."))
             const = const + read[1 + H].sum(0, keepdim=True) + _layer_constant(model, 1, pattern1, norm1)
         final = _LinearisedNorm(model, None, scale("ln_final.hook_scale"))
-        W_U = model.W_U.detach()
+        W_U = Weights.of(model).W_U
         resid = torch.cat(resid + [const])
         values = final.linear(resid) @ W_U
-        values[-1] += final.constant(W_U.shape[0]).to(W_U) @ W_U + model.b_U.detach()
+        values[-1] += final.constant(W_U.shape[0]).to(W_U) @ W_U + Weights.of(model).b_U
     names.append("bias")
     B = tokens.shape[0]
     return PathExpansion(

@@ -22,15 +22,19 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
+from circuits.engine import Weights
 from circuits.results import HeadScores, LabelledResult, head_labels, head_name, layer_labels
 from circuits.weights._common import (
     _CENTRED_NORMS,
     check_layer_head,
+    learned_positions,
     ln_bias,
     ln_weight,
     norm_type,
     require_attention,
+    require_learned_positions,
     stacked,
+    token_embedding,
 )
 from circuits.weights.circuits import attention_scale, full_ov_circuit
 from circuits.weights.composition import composition_scores
@@ -79,7 +83,7 @@ def copying_scores(model: TransformerBridge, *, fold_layernorm: bool = True) -> 
         values = torch.tensor([
             [_copying_score(full_ov_circuit(model, lay, h, fold_layernorm=fold_layernorm).eigenvalues)
              for h in range(H)] for lay in range(L)
-        ], device=model.W_E.device)
+        ], device=Weights.of(model).device)
     return _head_result(values, "copying_scores", fold_layernorm=fold_layernorm)
 
 
@@ -93,7 +97,7 @@ def positional_input(model: TransformerBridge, layer: int) -> Float[Tensor, "n_c
     Example: `positional_input(model, 0) @ model.W_Q[0, 2]`
     """
     check_layer_head(model, layer)
-    W_E, W_pos = model.W_E.detach(), model.W_pos.detach()
+    W_E, W_pos = token_embedding(model), learned_positions(model, "positional_input")
     x = W_E.mean(0) + W_pos
     nt = norm_type(model)
     if nt is None:
@@ -118,6 +122,7 @@ def positional_attention(model: TransformerBridge, layer: int, head: int) -> Flo
     Example: `positional_attention(model, 0, 3).diagonal(-1).mean()`
     """
     check_layer_head(model, layer, head)
+    require_learned_positions(model, "positional_attention")
     with torch.no_grad():
         x = positional_input(model, layer)
         q = x @ stacked(model, "W_Q")[layer, head] + stacked(model, "b_Q")[layer, head]
@@ -151,6 +156,7 @@ def previous_token_scores(model: TransformerBridge) -> HeadScores:
     Example: `previous_token_scores(model).values.argmax()`
     """
     require_attention(model, "previous_token_scores")
+    require_learned_positions(model, "previous_token_scores")
     if model.cfg.n_ctx < 3:
         raise ValueError(f"model: previous-token scores need n_ctx ≥ 3, got {model.cfg.n_ctx}")
     L, H = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -176,6 +182,7 @@ def induction_scores(
     source head per head. Example: `induction_scores(model).values[1]`
     """
     require_attention(model, "induction_scores")
+    require_learned_positions(model, "induction_scores")
     prev = previous_token_scores(model)
     copy = copying_scores(model, fold_layernorm=fold_layernorm)
     return _induction_from(model, _is_previous_token(prev, previous_token_lift), copy, fold_layernorm)
@@ -217,6 +224,7 @@ def classify_heads(
     `fold_layernorm` applies to the copying and K-composition scores; the positional reading always goes
     through the model's LayerNorm. Example: `classify_heads(model).heads("induction")`
     """
+    require_learned_positions(model, "classify_heads")
     prev = previous_token_scores(model)
     copy = copying_scores(model, fold_layernorm=fold_layernorm)
     is_prev = _is_previous_token(prev, previous_token_lift)

@@ -18,7 +18,7 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.results import LabelledResult, head_name
-from circuits.weights._common import check_layer_head
+from circuits.weights._common import check_layer_head, require_learned_positions
 from circuits.weights.circuits import full_ov_circuit, full_qk_circuit
 
 
@@ -35,6 +35,7 @@ class SkipTrigrams(LabelledResult):
 def skip_trigram_scores(model: TransformerBridge, layer: int, head: int) -> tuple[Tensor, Tensor]:
     """The centred, rectified QK [destination, source] and OV [source, output] tables (d_vocab × d_vocab each)."""
     check_layer_head(model, layer, head)
+    require_learned_positions(model, "skip_trigram_scores")
     with torch.no_grad():
         qk = full_qk_circuit(model, layer, head).AB
         ov = full_ov_circuit(model, layer, head).AB

@@ -202,6 +202,28 @@ def test_incremental_column_on_a_dense_circuit_equals_full_runs(request, task24,
     assert used["total"] > 0 and used["cut"] > 0 and used["grouped"] > 0
 
 
+def test_qkv_columns_stay_within_their_memory_budget(mlp3, task24, monkeypatch):
+    """With room for a few sets of columns, the least recently used are dropped and made again when asked for:
+    the cache stays within its budget while the dense circuit's evaluations still equal full runs."""
+    from circuits.graph import patching
+
+    p = EdgePatcher(mlp3, task24, "resample")
+    W, b = p.qkv_columns(0, ((0, 0), (1, 0)))
+    monkeypatch.setattr(patching, "QKV_COLUMNS_BYTES", 3 * (W.numel() + b.numel()) * W.element_size())
+    asked, qkv_columns = set(), EdgePatcher.qkv_columns
+
+    def spy(self, layer, heads):
+        asked.add((layer, heads))
+        return qkv_columns(self, layer, heads)
+
+    monkeypatch.setattr(EdgePatcher, "qkv_columns", spy)
+    assert_columns_equal_full_runs(p, dense_mask(p.graph), 3, 0.8, torch.Generator().manual_seed(5))
+    held = sum(t.numel() * t.element_size() for entry in p._qkv_columns.values() for t in entry)
+    assert held == p._qkv_columns_bytes
+    assert held <= patching.QKV_COLUMNS_BYTES or len(p._qkv_columns) == 1
+    assert len(asked) > len(p._qkv_columns)  # some sets were dropped
+
+
 @pytest.mark.parametrize("model_name", ["tiny2", "mlp3"])
 def test_committed_state_equals_full_forward(request, task24, model_name):
     """A chain of incremental commits (from the logits back, as ACDC makes them) equals a full forward of the

@@ -19,6 +19,7 @@ exact ACDC is in `circuits.graph.incremental`.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
@@ -34,6 +35,9 @@ from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.tasks.task import Task
 
 MAX_CHUNK_FLOATS = 2**26
+QKV_COLUMNS_BYTES = 2**28
+"""The most memory `EdgePatcher.qkv_columns` keeps (least recently used sets dropped first): a dense walk meets
+a new set of alike head inputs each time a commit splits a group, each up to a layer's whole q/k/v weights."""
 """Masks per batched forward are chunked so that the stacked source outputs stay under ~256 MiB (float32)."""
 
 
@@ -103,7 +107,8 @@ class EdgePatcher:
         self._at_metric = self.metric_only_destinations.tolist()
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor] = {}
-        self._qkv_columns: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._qkv_columns: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+        self._qkv_columns_bytes = 0
         self.logit_columns: Int[Tensor, " c"] | None = None
         """Where set, the incremental evaluations (`circuits.graph.incremental`) compute only these vocabulary
         columns of the logits (a metric that reads few, `GraphMetric.columns`); `run` always computes all."""
@@ -153,15 +158,22 @@ class EdgePatcher:
     def qkv_columns(self, layer: int, heads: tuple[tuple[int, int], ...]
                     ) -> tuple[Float[Tensor, "d_model ne"], Float[Tensor, "n e"]]:
         """The projections (h, which) of one layer side by side, W [d_model, n · d_head] and b [n, d_head]
-        (`which` 0, 1, 2: query, key, value; h a key/value head for keys and values), made once per set.
+        (`which` 0, 1, 2: query, key, value; h a key/value head for keys and values), made once per set
+        and kept while it is among the recently used (`QKV_COLUMNS_BYTES`).
         Example: `W, b = p.qkv_columns(0, ((0, 0), (0, 1)))` (head 0's query and key)"""
         key = (layer, heads)
-        if key not in self._qkv_columns:
-            w = self.weights
-            W = torch.stack([w.qkv_weights(which)[0][layer, h] for h, which in heads])
-            b = torch.stack([w.qkv_weights(which)[1][layer, h] for h, which in heads])
-            self._qkv_columns[key] = (einops.rearrange(W, "n d e -> d (n e)").contiguous(), b)
-        return self._qkv_columns[key]
+        cache = self._qkv_columns
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        w = self.weights
+        W = torch.stack([w.qkv_weights(which)[0][layer, h] for h, which in heads])
+        b = torch.stack([w.qkv_weights(which)[1][layer, h] for h, which in heads])
+        cache[key] = entry = (einops.rearrange(W, "n d e -> d (n e)").contiguous(), b)
+        self._qkv_columns_bytes += _nbytes(entry)
+        while self._qkv_columns_bytes > QKV_COLUMNS_BYTES and len(cache) > 1:
+            self._qkv_columns_bytes -= _nbytes(cache.popitem(last=False)[1])
+        return entry
 
     def attention_bias(self, at_metric_positions: bool) -> Float[Tensor, "nq pos"]:
         """The attention mask's bias for queries at every position, or at the metric positions only."""
@@ -352,3 +364,7 @@ def patch_edges(
     Example: `patch_edges(model, task, ComputeGraph.of(model).valid[None])` is the clean run.
     """
     return EdgePatcher(model, task, ablation).run(masks)
+
+
+def _nbytes(tensors: tuple[Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -3,6 +3,8 @@ keys and values, MLPs (plain and gated), embed and unembed. Norms are in `circui
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -74,6 +76,15 @@ def project_normed(w: Weights, layer: int, xn: Float[Tensor, "*lead d_model"], w
     H, m, d = W.shape
     out = torch.addmm(b.reshape(1, H * d), xn.reshape(-1, m), W.transpose(0, 1).reshape(m, H * d))
     return out.view(*xn.shape[:-1], H, d)
+
+
+def per_head(x: Float[Tensor, "*outer head *inner rows d_in"], W: Float[Tensor, "head d_in d_out"], at: int
+             ) -> Float[Tensor, "*outer head *inner rows d_out"]:
+    """x[..., h, ...] @ W[h] for every head (the head axis at position `at`), as one batched product over the
+    rows of each head. Example: `per_head(z, w.W_O[layer], 0)` (each head's output, z [head, batch, pos, d_head])"""
+    outer = x.shape[:at]
+    rows = x.reshape(math.prod(outer), x.shape[at], -1, x.shape[-1])
+    return (rows @ W).view(*x.shape[:-1], W.shape[-1])
 
 
 def embed(w: Weights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "n_embed batch pos d_model"]:

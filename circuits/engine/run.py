@@ -9,7 +9,6 @@ keep and where the head axis sits (`heads_at`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -17,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.engine.primitives import attention_bias, mlp, rotate
+from circuits.engine.primitives import attention_bias, mlp, per_head, rotate
 from circuits.engine.weights import Weights
 
 __all__ = ["RECORDABLE", "Record", "forward"]
@@ -123,7 +122,7 @@ def forward(w: Weights, resid: Float[Tensor, "*lead pos d_model"], *, record: Co
         if "z" in keep:
             acts["z"].append(z_tl)
         if "head_out" in keep:
-            out = _per_head(z, w.W_O[layer], at)
+            out = per_head(z, w.W_O[layer], at)
             if rows is not None:
                 out = out.new_zeros(*out.shape[:-2], P, D).index_copy(-2, rows, out)
             acts["head_out"].append(out)
@@ -161,12 +160,3 @@ def forward(w: Weights, resid: Float[Tensor, "*lead pos d_model"], *, record: Co
 def _expand(w: Weights, t: Tensor, axis: int) -> Tensor:
     """Keys or values repeated for each query head of their group (Hugging Face's repeat_kv order)."""
     return t if w.group_size == 1 else t.repeat_interleave(w.group_size, dim=axis)
-
-
-def _per_head(z: Float[Tensor, "*outer head *inner nq d_head"], W_O: Float[Tensor, "head d_head d_model"],
-              at: int) -> Float[Tensor, "*outer head *inner nq d_model"]:
-    """z[h] @ W_O[h] for every head, as one batched product over the rows of each head."""
-    outer = z.shape[:at]
-    H = z.shape[at]
-    rows = z.reshape(math.prod(outer), H, -1, z.shape[-1])
-    return (rows @ W_O).view(*z.shape[:-1], W_O.shape[-1])

@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.engine import Weights, attention_bias, embed, expand_kv, mlp, rotate, unembed
+from circuits.engine.primitives import per_head
 from circuits.engine.run import forward
 
 __all__ = ["SharedRun", "Weights", "attend", "attend_projected", "embed", "kv_heads", "mlp", "project",
@@ -61,14 +62,14 @@ def project(w: Weights, layer: int, heads: Int[Tensor, " h"], x: Float[Tensor, "
     ln1(x) @ W + b per head (key/value heads for 1 and 2), rotated for queries and keys of rotary models.
     Example: `project(w, 0, torch.arange(4), resid[:, None].expand(-1, 4, -1, -1, -1), 1, torch.arange(P))`"""
     W, b = w.qkv_weights(which)
-    y = _per_head(w.ln1.at(layer)(x), W[layer, heads]) + b[layer, heads][:, None, None, :]
+    y = per_head(w.ln1.at(layer)(x), W[layer, heads], x.dim() - 4) + b[layer, heads][:, None, None, :]
     return y if which == 2 else rotate(w.rotary, y, pos)
 
 
 def attend_projected(
     w: Weights,
     layer: int,
-    heads: Int[Tensor, " h"],
+    heads: Int[Tensor, " h"] | slice,
     q: Float[Tensor, "*kq h batch nq d_head"],
     k: Float[Tensor, "*kk h batch pos d_head"],
     v: Float[Tensor, "*kv h batch pos d_head"],
@@ -80,15 +81,7 @@ def attend_projected(
     # adding -inf where a key is hidden equals the model's masked_fill(-inf), softmax, masked_fill(0): every
     # query sees key 0, so no row is fully masked
     pattern = (scores + bias).softmax(-1)
-    return _per_head(pattern @ v, w.W_O[layer, heads])
-
-
-def _per_head(x: Float[Tensor, "*k h batch pos d_in"], W: Float[Tensor, "h d_in d_out"]
-              ) -> Float[Tensor, "*k h batch pos d_out"]:
-    """x[..., h, :, :, :] @ W[h] for every head, as one batched product over (batch · pos) rows."""
-    lead = x.shape[:-3]
-    y = x.reshape(*lead, x.shape[-3] * x.shape[-2], x.shape[-1]) @ W
-    return y.view(*lead, x.shape[-3], x.shape[-2], W.shape[-1])
+    return per_head(pattern @ v, w.W_O[layer, heads], pattern.dim() - 4)
 
 
 @dataclass(frozen=True, eq=False)

@@ -106,7 +106,7 @@ class EdgePatcher:
             [self._reads_metric_positions_only(d) for d in range(self.graph.n_destinations)], dtype=torch.bool)
         self._at_metric = self.metric_only_destinations.tolist()
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
-        self._head_index: dict[tuple[int, ...], Tensor] = {}
+        self._head_index: dict[tuple[int, ...], Tensor | slice] = {}
         self._qkv_columns: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
         self._qkv_columns_bytes = 0
         self.logit_columns: Int[Tensor, " c"] | None = None
@@ -148,11 +148,14 @@ class EdgePatcher:
         of the last layer (the last layer's outputs reach nothing but the logits)."""
         return self._at_metric[d]
 
-    def head_index(self, heads: list[int]) -> Int[Tensor, " h"]:
-        """Some heads' indices as a tensor (made once per set of heads)."""
+    def head_index(self, heads: list[int]) -> Int[Tensor, " h"] | slice:
+        """Some heads' indices: a slice where they are consecutive (indexing a weight with it is a view, not a
+        copy), else a tensor (made once per set of heads)."""
         key = tuple(heads)
         if key not in self._head_index:
-            self._head_index[key] = torch.tensor(key, device=self.device)
+            consecutive = key == tuple(range(key[0], key[0] + len(key)))
+            self._head_index[key] = slice(key[0], key[0] + len(key)) if consecutive else torch.tensor(
+                key, device=self.device)
         return self._head_index[key]
 
     def qkv_columns(self, layer: int, heads: tuple[tuple[int, int], ...]

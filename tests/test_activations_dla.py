@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from jaxtyping import TypeCheckError
 
 from circuits.activations import direct_logit_attribution, logit_lens
-from circuits.models import ModelSpec, build, planted_induction
+from circuits.models import ModelSpec, build, planted_induction, random_gemma, random_llama, random_neox, random_qwen2
 
 TOL = 1e-4
 BY = ["component", "layer", "head"]
@@ -109,6 +109,30 @@ def test_shapes_and_groupings_are_consistent(ln_mlp_model, data):
     left_out = comp.values.sum() - head.values.sum()
     assert head.remainder == pytest.approx(float(left_out), abs=1e-5)
     assert layer.remainder == pytest.approx(float(comp.values[:2].sum()), abs=1e-5)
+
+
+ROTARY = {  # bias-free projections (W_O, W_U), rotary positions (no pos_embed), grouped or multi-query attention
+    "llama": lambda: random_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_vocab=24, n_ctx=20, d_mlp=64),
+    "gemma": lambda: random_gemma(n_layers=2, d_model=32, n_heads=4, d_vocab=24, n_ctx=20),
+    "qwen2": lambda: random_qwen2(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_vocab=24, n_ctx=20, d_mlp=64),
+    "neox": lambda: random_neox(n_layers=2, d_model=32, n_heads=4, d_vocab=24, n_ctx=20, d_mlp=64),
+}
+
+
+@pytest.mark.parametrize("name", list(ROTARY))
+def test_parts_sum_to_the_logit_difference_on_rotary_bias_free_models(name, data):
+    """The same identity on the LLaMA family, Gemma and GPT-NeoX: no pos_embed component, zero b_O and b_U
+    where the checkpoint has none."""
+    model = ROTARY[name]()
+    tokens, answers, wrong = data
+    pos = torch.tensor([3, 7, 11])
+    actual = _actual(model, tokens, answers, wrong, pos)
+    for by in BY:
+        r = direct_logit_attribution(model, tokens, answers, wrong, by=by, positions=pos)
+        assert r.total == pytest.approx(actual, abs=TOL)
+        assert float(r.values.sum()) + r.remainder + r.bias == pytest.approx(actual, abs=TOL)
+    comp = direct_logit_attribution(model, tokens, answers, wrong, by="component", positions=pos)
+    assert comp.labels[0][:2] == ("embed", "L0H0") and comp.remainder == pytest.approx(0.0, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------- brute force from the cache

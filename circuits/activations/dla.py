@@ -10,7 +10,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
 
-from circuits.engine import final_norm
+from circuits.engine import Weights, final_norm
+from circuits.engine.weights import unsupported
 from circuits.results import LabelledResult, head_labels, head_name, layer_labels
 from circuits.validate import check_ids, check_tokens
 
@@ -93,19 +94,19 @@ def _per_position(t: Tensor, batch: int, n: int, name: str) -> Tensor:
 def _decomposed_residual(model: TransformerBridge, tokens: Tensor, pos: Tensor):
     """The final residual stream at `pos` split into direct components [component, batch, n, d_model], their
     names, the logits at `pos`, and ln_final's cached scale [batch, n, 1]."""
-    L = model.cfg.n_layers
+    L, w = model.cfg.n_layers, _weights(model)
     names = {"hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale"}
     names |= {f"blocks.{i}.attn.hook_z" for i in range(L)} | {f"blocks.{i}.hook_mlp_out" for i in range(L)}
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     at = (lambda x: x[:, pos.to(x.device)])
-    parts = [at(cache["hook_embed"]), at(cache["hook_pos_embed"])]
-    labels = ["embed", "pos_embed"]
+    labels = [label for label in ("embed", "pos_embed") if f"hook_{label}" in cache]  # no pos_embed under rotary
+    parts = [at(cache[f"hook_{label}"]) for label in labels]
     for i in range(L):
         z = at(cache[f"blocks.{i}.attn.hook_z"])
-        parts.extend(torch.einsum("bnhd,hdm->hbnm", z, model.W_O[i].detach()).unbind(0))
+        parts.extend(torch.einsum("bnhd,hdm->hbnm", z, w.W_O[i]).unbind(0))
         labels.extend(head_name(i, h) for h in range(model.cfg.n_heads))
-        parts.append(model.b_O[i].detach().expand_as(parts[0]))
+        parts.append(w.b_O[i].expand_as(parts[0]))
         labels.append(f"L{i} b_O")
         if not model.cfg.attn_only:
             parts.append(at(cache[f"blocks.{i}.hook_mlp_out"]))
@@ -119,15 +120,32 @@ def _decomposed_residual(model: TransformerBridge, tokens: Tensor, pos: Tensor):
     return stacked, labels, logits[:, pos.to(logits.device)], scale
 
 
+def _weights(model: TransformerBridge) -> _OutputWeights:
+    """W_O, b_O, W_U and b_U as the model applies them: the engine's reader where it supports the model (zero
+    biases for bias-free checkpoints, the LLaMA family's), else the bridge's stacked properties."""
+    if not unsupported(model):
+        w = Weights.of(model)
+        return _OutputWeights(w.W_O, w.b_O, w.W_U, w.b_U)
+    return _OutputWeights(*(getattr(model, name).detach() for name in ("W_O", "b_O", "W_U", "b_U")))
+
+
+@dataclass(frozen=True)
+class _OutputWeights:
+    W_O: Float[Tensor, "layer head d_head d_model"]
+    b_O: Float[Tensor, "layer d_model"]
+    W_U: Float[Tensor, "d_model vocab"]
+    b_U: Float[Tensor, " vocab"]
+
+
 def _unembed_direction(model: TransformerBridge, answers: Tensor, wrong: Tensor | None
                        ) -> Float[Tensor, "batch n d_model"]:
-    W_U = model.W_U.detach()
+    W_U = _weights(model).W_U
     d = W_U.T[answers.to(W_U.device)]
     return d if wrong is None else d - W_U.T[wrong.to(W_U.device)]
 
 
 def _bias_u(model: TransformerBridge, answers: Tensor, wrong: Tensor | None) -> Tensor:
-    b = model.b_U.detach()
+    b = _weights(model).b_U
     out = b[answers.to(b.device)]
     return (out if wrong is None else out - b[wrong.to(b.device)]).mean()
 

@@ -1,9 +1,12 @@
 """SHA-256 digests of a model's weights, of a task's data and of a JSON entry: what identifies a run (a sweep's
-key, an ACDC checkpoint's description) and what verifies a stored entry (its checksum). Neutral ground, so that
-`graph` and `sweep` both use it without importing each other."""
+key, an ACDC checkpoint's description) and what verifies a stored entry (its checksum); and the durable write of
+such an entry's bytes (`write_synced`, `sync_folder`). Neutral ground, so that `graph` and `sweep` both use it
+without importing each other."""
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,3 +59,23 @@ def entry_checksum(entry: dict[str, Any]) -> str:
     """SHA-256 of a stored JSON entry's canonical text, its own `checksum` field left out."""
     body = {k: v for k, v in entry.items() if k != "checksum"}
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist: a unique temporary name) holding `data`, flushed to disk before
+    returning; the caller then publishes it under its final name (rename or link) and removes it on failure.
+    Example: `write_synced(folder / f".{name}.{uuid4().hex}.tmp", entry_bytes)`"""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk, so that a rename or link into it survives a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

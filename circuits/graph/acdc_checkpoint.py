@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuits.digest import entry_checksum, task_digest, weights_digest
+from circuits.digest import entry_checksum, sync_folder, task_digest, weights_digest, write_synced
 
 FORMAT = 1
 
@@ -43,20 +43,12 @@ def write_checkpoint(path: str | os.PathLike[str], description: dict[str, Any], 
     entry: dict[str, Any] = dict(format=FORMAT, description=description, state=state)
     entry["checksum"] = entry_checksum(entry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write((json.dumps(entry, sort_keys=True) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, (json.dumps(entry, sort_keys=True) + "\n").encode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash
-    finally:
-        os.close(folder)
+    sync_folder(path.parent)  # the rename itself survives a crash
 
 
 def read_checkpoint(path: str | os.PathLike[str], description: dict[str, Any]) -> dict[str, Any] | None:

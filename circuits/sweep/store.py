@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from circuits.digest import canonical_json, entry_checksum
+from circuits.digest import canonical_json, entry_checksum, write_synced
 
 FORMAT = 1
 TMP_PREFIX = ".tmp."
@@ -74,13 +74,8 @@ class Store:
         entry["checksum"] = entry_checksum(entry)
         self.runs.mkdir(parents=True, exist_ok=True)
         tmp = self.runs / f"{TMP_PREFIX}{key}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}"
-        data = (json.dumps(entry, allow_nan=True) + "\n").encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp, (json.dumps(entry, allow_nan=True) + "\n").encode())
             return self._publish(tmp, key)
         finally:
             tmp.unlink(missing_ok=True)

@@ -64,7 +64,7 @@ from circuits.graph.incremental import (
     seed_terms,
 )
 from circuits.graph.metric import GraphMetric, resolve_metric
-from circuits.graph.nodes import ComputeGraph
+from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.graph.patching import Ablation, EdgePatcher
 from circuits.graph.result import EdgeResult
 from circuits.tasks.metrics import MetricSpec
@@ -192,16 +192,20 @@ class _Walk:
         self.loss = float(metric.loss(self.state.logits[None])[0])
         self.scores = torch.full(self.graph.valid.shape, math.nan)
         self.n_forwards, self.n_batches = 1, 1
-        # (layer, kind) -> {source: removed} of the last destination of that kind decided, the first guesses
-        # for the next one (a layer's heads tend to keep the same inputs)
-        self.decided: dict[tuple[int, str], dict[int, bool]] = {}
+        # kind -> {source: removed} of the last destination of that kind decided, the first guesses for the
+        # next one (a layer's heads tend to keep the same inputs; an MLP, what the MLP above it kept)
+        self.decided: dict[tuple[int | None, str], dict[int, bool]] = {}
 
     def metric_changes(self) -> Tensor:
         """The scores as the metric's own change (the walk records loss increases)."""
         return self.scores if not self.metric.higher_is_better else 0.0 - self.scores  # 0.0 - 0.0 is +0.0
 
-    def kind(self, d: int) -> tuple[int, str]:
+    def kind(self, d: int) -> tuple[int | None, str]:
+        """Which destinations share first guesses: a layer's q, k or v inputs; every MLP (the sources below an
+        MLP are also below the one above it, which is decided first); the logits."""
         node = self.graph.destinations[d]
+        if node.kind is NodeKind.MLP:
+            return None, node.kind.value
         return node.layer, node.qkv or node.kind.value
 
     def destination_order(self) -> list[int]:
@@ -265,7 +269,7 @@ class _Walk:
         evaluates them in order, a chunk per call; decisions are made after each chunk with the plain
         algorithm's rule, and every one up to the first wrong guess is the plain algorithm's own; the round
         ends there (later chunks are not evaluated). Guesses: in the first round, the decision made for the
-        same source at the last destination of the same kind (a layer's q, k or v inputs), else remove (ACDC
+        same source at the last destination of the same kind (`kind`), else remove (ACDC
         circuits are sparse); then, for the candidates the last round evaluated, the decision implied by each
         edge's marginal loss rise along that round's guessed path (the others: as the last decision went). A chunk's
         recomputed nodes are dropped once its losses are read, except the last removal's (`Evaluated.select`):

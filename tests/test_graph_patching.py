@@ -145,6 +145,46 @@ def test_incremental_column_equals_full_runs(request, task24, model_name, ablati
     assert_columns_equal_full_runs(p, mask, 4, 0.6, gen)
 
 
+@pytest.mark.parametrize("model_name", ["tiny2", "tiny2_noln", "mlp3", "llama"])
+def test_logits_through_the_changed_heads_equal_full_runs(request, task24, model_name, monkeypatch):
+    """Where only heads change what the logits read, the candidates' logits come from each head's z times its
+    W_O and the folded unembedding (`_Propagation.logits_through_heads`); they equal full patched runs, and the
+    logit-difference columns do too."""
+    from circuits.graph import incremental
+    from circuits.models.random_hf import random_llama
+
+    model = (random_llama(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_vocab=24, n_ctx=20, d_mlp=32)
+             if model_name == "llama" else request.getfixturevalue(model_name))
+    used, through_heads = [0], incremental._Propagation.logits_through_heads
+
+    def spy(self, dst, x):
+        logits = through_heads(self, dst, x)
+        used[0] += logits is not None
+        return logits
+
+    monkeypatch.setattr(incremental._Propagation, "logits_through_heads", spy)
+    p = EdgePatcher(model, task24, "resample")
+    gen = torch.Generator().manual_seed(4)
+    mask = p.graph.valid & (torch.rand(p.graph.valid.shape, generator=gen) < 0.7)
+    mlps = [d for d, node in enumerate(p.graph.destinations) if node.kind is NodeKind.MLP]
+    mask[:, mlps] = False  # the MLPs read their ablated inputs: no candidate changes them
+    assert_columns_equal_full_runs(p, mask, 4, 0.6, gen)
+    assert used[0] > 0
+    p.logit_columns = torch.tensor([3, 5])  # as ACDC sets for a logit difference: the cache follows the columns
+    state = circuit_state(p, mask)
+    g, last = p.graph, p.graph.n_layers - 1
+    h = next(h for h in range(g.n_heads) if mask[g.source_names.index(f"L{last}H{h}"), -1])  # read by the logits
+    d = g.destination_names.index(f"L{last}H{h}.q")
+    columns = mask[:, d][None].repeat(3, 1) & (torch.rand(3, g.n_sources, generator=gen) < 0.5)
+    masks = mask[None].repeat(3, 1, 1)
+    masks[:, :, d] = columns
+    full = p.run(masks)[..., p.logit_columns]
+    n = used[0]
+    scale = float(full.abs().max())
+    torch.testing.assert_close(evaluate_column(p, state, d, columns), full, rtol=1e-5, atol=1e-5 * scale)
+    assert used[0] > n
+
+
 def assert_columns_equal_full_runs(p: EdgePatcher, mask: torch.Tensor, k: int, keep: float, gen: torch.Generator):
     """For every destination, k random candidate columns (each edge of the circuit kept with probability `keep`)
     evaluated incrementally from the circuit's state equal full patched runs of the whole masks."""

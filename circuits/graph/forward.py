@@ -23,7 +23,7 @@ from circuits.engine import Weights, attention_bias, embed, expand_kv, mlp, rota
 from circuits.engine.primitives import per_head
 from circuits.engine.run import forward
 
-__all__ = ["SharedRun", "Weights", "attend", "attend_projected", "embed", "kv_heads", "mlp", "project",
+__all__ = ["SharedRun", "Weights", "attend", "attend_projected", "attend_values", "embed", "kv_heads", "mlp", "project",
            "shared_forward", "unembed"]
 
 
@@ -77,11 +77,22 @@ def attend_projected(
 ) -> Float[Tensor, "*k h batch nq d_model"]:
     """`attend` from the heads' (rotated) queries, the keys and values each head reads (one per query head)
     and the queries' `attention_bias`."""
+    z = attend_values(w, q, k, v, bias)
+    return per_head(z, w.W_O[layer, heads], z.dim() - 4)
+
+
+def attend_values(
+    w: Weights,
+    q: Float[Tensor, "*kq h batch nq d_head"],
+    k: Float[Tensor, "*kk h batch pos d_head"],
+    v: Float[Tensor, "*kv h batch pos d_head"],
+    bias: Float[Tensor, "nq pos"],
+) -> Float[Tensor, "*k h batch nq d_head"]:
+    """Each head's z (its pattern times its values, before W_O), from the same inputs as `attend_projected`."""
     scores = q @ k.transpose(-1, -2) / w.attn_scale
     # adding -inf where a key is hidden equals the model's masked_fill(-inf), softmax, masked_fill(0): every
     # query sees key 0, so no row is fully masked
-    pattern = (scores + bias).softmax(-1)
-    return per_head(pattern @ v, w.W_O[layer, heads], pattern.dim() - 4)
+    return (scores + bias).softmax(-1) @ v
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,8 +24,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.engine import rotate
-from circuits.engine.primitives import affine
-from circuits.graph.forward import attend_projected, mlp, unembed
+from circuits.engine.primitives import affine, per_head
+from circuits.graph.forward import attend_values, mlp, unembed
 from circuits.graph.nodes import NodeKind
 from circuits.graph.patching import EdgePatcher
 
@@ -325,6 +325,7 @@ class _Propagation:
         self.new_projected: dict[int, Tensor] = {}  # head input -> its new query, key or value [k, batch, P, e]
         self._changes: dict[tuple[int, bool], Tensor] = {}  # (source, at metric positions) -> new − current output
         self._totals: dict[bool, tuple[Tensor, int]] = {}  # at metric positions -> (Σ changes, how many)
+        self.z: dict[int, tuple[int, int, Tensor, bool]] = {}  # head source -> (layer, head, new z, restricted)
         if state.stale and not state.at_metric(patcher, d):
             stale = sorted(s for s in state.stale if bool(columns[:, s].any()))
             if stale:
@@ -341,7 +342,8 @@ class _Propagation:
                 x = self.input_of(i, stage.dst.start)
                 if x is None:
                     return self.state.logits.expand(self.columns.shape[0], *self.state.logits.shape)
-                return unembed_columns(self.p, x)
+                logits = self.logits_through_heads(stage.dst.start, x)
+                return unembed_columns(self.p, x) if logits is None else logits
             if stage.kind is NodeKind.MLP:
                 x = self.input_of(i, stage.dst.start)
                 if x is not None:
@@ -349,6 +351,33 @@ class _Propagation:
                 continue
             self.attention(i)
         raise AssertionError("unreachable: the last stage is the logits")
+
+    def logits_through_heads(self, dst: int, x: Float[Tensor, "k batch n d_model"]
+                             ) -> Float[Tensor, "k batch n c"] | None:
+        """The candidates' logits when every changed source the logits read is a head, with few enough of them:
+        x · G = (current input − Σ those heads' current outputs) · G + Σ z · (W_O G) per head, G the folded
+        unembedding (`EdgePatcher.folded_unembedding`), then the final norm's division by the scale of x. A
+        head's change lies in its d_head output directions, so this replaces the [rows, d_model] × [d_model, c]
+        product of each candidate by one of d_head per head changed. None where it does not apply (an MLP or an
+        embedding changed, the candidates' own destination is the logits, or the full product is cheaper)."""
+        kept, p = self.state.kept, self.p
+        fed = [s for s in self.outputs if kept[s][dst]]
+        if dst == self.d or not fed or any(s not in self.z for s in fed):
+            return None
+        norm = p.weights.ln_final
+        if 2 * len(fed) * p.weights.W_O.shape[-2] > p.weights.d_model:
+            return None
+        if norm.kind in ("RMS", "RMSPre", "LNPre") and x.dtype != torch.float32:
+            return None  # those norms compute in float32 whatever the dtype
+        G, constant = p.folded_unembedding()
+        base = self.current_input(dst)
+        for s in fed:
+            base = base - self.current_output(s, True)
+        acc = base @ G
+        for s in fed:
+            layer, h, z, restricted = self.z[s]
+            acc = acc + (z if restricted else z[..., p.positions, :]) @ p.head_unembedding(layer, h)
+        return acc / norm.scale(x) + constant
 
     def attention(self, i: int) -> None:
         """Recompute the heads of one layer whose q, k or v input changed (under grouped-query attention every
@@ -369,9 +398,11 @@ class _Propagation:
         projected = [[self.projection(stage.layer, *item) for item in qkv] for qkv in projected]
         q, key, v = (_stack_heads([qkv[j] for qkv in projected]) for j in range(3))
         restricted = p.at_metric_positions(stage.dst.start)  # the layer's first q input
-        out = attend_projected(p.weights, stage.layer, p.head_index(heads), q, key, v, p.attention_bias(restricted))
+        z = attend_values(p.weights, q, key, v, p.attention_bias(restricted))
+        out = per_head(z, p.weights.W_O[stage.layer, p.head_index(heads)], z.dim() - 4)
         for j, h in enumerate(heads):
             self.outputs[stage.out.start + h] = (out[:, j], restricted)
+            self.z[stage.out.start + h] = (stage.layer, h, z[:, j], restricted)
 
     def projection(self, layer: int, h: int, which: int, dst: int, x: Tensor | None) -> Tensor:
         """Head h's query, key or value (`which` 0, 1, 2; h a key/value head for 1 and 2) from its new input x

@@ -37,7 +37,8 @@ from circuits.tasks.task import Task
 MAX_CHUNK_FLOATS = 2**26
 QKV_COLUMNS_BYTES = 2**28
 """The most memory `EdgePatcher.qkv_columns` keeps (least recently used sets dropped first): a dense walk meets
-a new set of alike head inputs each time a commit splits a group, each up to a layer's whole q/k/v weights."""
+a new set of alike head inputs each time a commit splits a group, each up to a layer's whole q/k/v weights. The
+heads' unembeddings (`EdgePatcher.head_unembedding`) are kept within the same budget."""
 """Masks per batched forward are chunked so that the stacked source outputs stay under ~256 MiB (float32)."""
 
 
@@ -109,6 +110,7 @@ class EdgePatcher:
         self._head_index: dict[tuple[int, ...], Tensor | slice] = {}
         self._qkv_columns: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
         self._qkv_columns_bytes = 0
+        self._unembedding: dict = {}  # the folded unembedding and heads' products, for `_unembedding_columns`
         self.logit_columns: Int[Tensor, " c"] | None = None
         """Where set, the incremental evaluations (`circuits.graph.incremental`) compute only these vocabulary
         columns of the logits (a metric that reads few, `GraphMetric.columns`); `run` always computes all."""
@@ -177,6 +179,43 @@ class EdgePatcher:
         while self._qkv_columns_bytes > QKV_COLUMNS_BYTES and len(cache) > 1:
             self._qkv_columns_bytes -= _nbytes(cache.popitem(last=False)[1])
         return entry
+
+    def folded_unembedding(self) -> tuple[Float[Tensor, "d_model c"], Float[Tensor, " c"]]:
+        """The unembedding of the columns the evaluations read with the final norm's weight folded in (centred
+        over d_model for a LayerNorm), and the constant the norm's bias and b_U add: logits = (x · G) / scale(x) +
+        constant, with scale the final norm's (`Norm.scale`). Example: `G, c = p.folded_unembedding()`"""
+        cache = self._unembedding_columns()
+        if "folded" not in cache:
+            w = self.weights
+            norm, columns = w.ln_final, self.logit_columns
+            W_U = w.W_U if columns is None else w.W_U[:, columns]
+            b_U = w.b_U if columns is None else w.b_U[columns]
+            G = W_U if norm.weight is None else norm.weight[:, None] * W_U
+            if norm.centred:
+                G = G - G.mean(0, keepdim=True)
+            constant = b_U if norm.bias is None else b_U + norm.bias @ W_U
+            cache["folded"] = (G.contiguous(), constant)
+        return cache["folded"]
+
+    def head_unembedding(self, layer: int, head: int) -> Float[Tensor, "d_head c"]:
+        """W_O of one head times the folded unembedding (`folded_unembedding`): a head's z read as logits before
+        the final norm's division, made once per head. Example: `M = p.head_unembedding(1, 3)`"""
+        heads = self._unembedding_columns()["heads"]
+        key = (layer, head)
+        if key in heads:
+            heads.move_to_end(key)
+            return heads[key]
+        heads[key] = M = self.weights.W_O[layer, head] @ self.folded_unembedding()[0]
+        if len(heads) * M.numel() * M.element_size() > QKV_COLUMNS_BYTES:
+            heads.popitem(last=False)
+        return M
+
+    def _unembedding_columns(self) -> dict:
+        """The unembedding caches (the heads' products least recently used first, within `QKV_COLUMNS_BYTES`),
+        emptied when the columns the evaluations read change."""
+        if "columns" not in self._unembedding or self._unembedding["columns"] is not self.logit_columns:
+            self._unembedding = {"columns": self.logit_columns, "heads": OrderedDict()}
+        return self._unembedding
 
     def attention_bias(self, at_metric_positions: bool) -> Float[Tensor, "nq pos"]:
         """The attention mask's bias for queries at every position, or at the metric positions only."""

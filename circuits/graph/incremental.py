@@ -358,15 +358,16 @@ class _Propagation:
         x · G = (current input − Σ those heads' current outputs) · G + Σ z · (W_O G) per head, G the folded
         unembedding (`EdgePatcher.folded_unembedding`), then the final norm's division by the scale of x. A
         head's change lies in its d_head output directions, so this replaces the [rows, d_model] × [d_model, c]
-        product of each candidate by one of d_head per head changed. None where it does not apply (an MLP or an
-        embedding changed, the candidates' own destination is the logits, or the full product is cheaper)."""
+        product of each candidate by one of d_head per head changed, after one shared product. None where it does
+        not apply (an MLP or an embedding changed, the candidates' own destination is the logits) or the k
+        candidates' full products are cheaper."""
         kept, p = self.state.kept, self.p
         fed = [s for s in self.outputs if kept[s][dst]]
         if dst == self.d or not fed or any(s not in self.z for s in fed):
             return None
-        norm = p.weights.ln_final
-        if 2 * len(fed) * p.weights.W_O.shape[-2] > p.weights.d_model:
-            return None
+        norm, D = p.weights.ln_final, p.weights.d_model
+        if x.shape[0] * (D - len(fed) * p.weights.W_O.shape[-2]) <= D:
+            return None  # one product of the shared base plus k of d_head per head must beat k of d_model
         if norm.kind in ("RMS", "RMSPre", "LNPre") and x.dtype != torch.float32:
             return None  # those norms compute in float32 whatever the dtype
         G, constant = p.folded_unembedding()

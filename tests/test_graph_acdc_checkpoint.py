@@ -142,3 +142,33 @@ def test_a_checkpoint_of_another_run_or_a_damaged_one_is_refused(tmp_path, model
     path.write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match="unreadable"):
         acdc(model, task, threshold=THRESHOLD, metric="kl", checkpoint=path, progress=False)
+
+
+def test_a_walk_stopped_after_its_mlps_resumes_with_their_shared_guesses(tmp_path, monkeypatch):
+    """On a model with MLPs (whose destinations share one kind of first guesses, `_Walk.kind`), a walk stopped
+    after 20 destinations resumes from the checkpoint, guesses included, to the uninterrupted run's circuit and
+    scores."""
+    from circuits.models import ModelSpec, build
+
+    model = build(ModelSpec(3, 32, 4, 8, 24, 20, d_mlp=64, act_fn="gelu"), seed=3)
+    task = induction_task(8, 9, 24, seed=1)
+    uninterrupted = acdc(model, task, threshold=1e-4, metric="kl", progress=False)
+    evaluate, count = acdc_module._Walk.exact_destination, [0]
+
+    def stop_after_20(self, d):
+        count[0] += 1
+        if count[0] > 20:
+            raise KeyboardInterrupt
+        evaluate(self, d)
+
+    path = tmp_path / "acdc.json"
+    monkeypatch.setattr(acdc_module._Walk, "exact_destination", stop_after_20)
+    with pytest.raises(KeyboardInterrupt):
+        acdc(model, task, threshold=1e-4, metric="kl", checkpoint=path, progress=False)
+    monkeypatch.setattr(acdc_module._Walk, "exact_destination", evaluate)
+    kinds = {tuple(k[:2]) for k in json.loads(path.read_text())["state"]["decided"]}
+    assert (None, "mlp") in kinds
+    resumed = acdc(model, task, threshold=1e-4, metric="kl", checkpoint=path, progress=False)
+    assert resumed.info["resumed_after"] == 20
+    assert torch.equal(resumed.circuit.members, uninterrupted.circuit.members)
+    torch.testing.assert_close(resumed.values, uninterrupted.values, equal_nan=True, rtol=0, atol=1e-6)

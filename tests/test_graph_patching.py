@@ -245,11 +245,10 @@ def test_incremental_column_on_a_dense_circuit_equals_full_runs(request, task24,
 def test_qkv_columns_stay_within_their_memory_budget(mlp3, task24, monkeypatch):
     """With room for a few sets of columns, the least recently used are dropped and made again when asked for:
     the cache stays within its budget while the dense circuit's evaluations still equal full runs."""
-    from circuits.graph import patching
-
     p = EdgePatcher(mlp3, task24, "resample")
     W, b = p.qkv_columns(0, ((0, 0), (1, 0)))
-    monkeypatch.setattr(patching, "QKV_COLUMNS_BYTES", 3 * (W.numel() + b.numel()) * W.element_size())
+    cache = p._qkv_columns
+    cache.budget = 3 * (W.numel() + b.numel()) * W.element_size()
     asked, qkv_columns = set(), EdgePatcher.qkv_columns
 
     def spy(self, layer, heads):
@@ -258,10 +257,10 @@ def test_qkv_columns_stay_within_their_memory_budget(mlp3, task24, monkeypatch):
 
     monkeypatch.setattr(EdgePatcher, "qkv_columns", spy)
     assert_columns_equal_full_runs(p, dense_mask(p.graph), 3, 0.8, torch.Generator().manual_seed(5))
-    held = sum(t.numel() * t.element_size() for entry in p._qkv_columns.values() for t in entry)
-    assert held == p._qkv_columns_bytes
-    assert held <= patching.QKV_COLUMNS_BYTES or len(p._qkv_columns) == 1
-    assert len(asked) > len(p._qkv_columns)  # some sets were dropped
+    held = sum(t.numel() * t.element_size() for entry in cache.values.values() for t in entry)
+    assert held == cache.nbytes
+    assert held <= cache.budget or len(cache.values) == 1
+    assert len(asked) > len(cache.values)  # some sets were dropped
 
 
 @pytest.mark.parametrize("model_name", ["tiny2", "mlp3"])

@@ -62,11 +62,12 @@ def direct_logit_attribution(
     answers = _per_position(answers, batch, len(pos), "answers")
     wrong = None if wrong_answers is None else _per_position(wrong_answers, batch, len(pos), "wrong_answers")
     norm = final_norm(model)
-    parts, names, logits, scale = _decomposed_residual(model, tokens, pos)
-    direction = _unembed_direction(model, answers, wrong)  # [batch, n, d_model]
+    w = _weights(model)
+    parts, names, logits, scale = _decomposed_residual(model, w, tokens, pos)
+    direction = _unembed_direction(w, answers, wrong)  # [batch, n, d_model]
     contrib = torch.einsum("cbnm,bnm->c", norm.linear_part(parts) / scale, direction) / (batch * len(pos))
     bias = float(torch.einsum("m,bnm->", norm.offset() + torch.zeros_like(direction[0, 0]), direction)
-                 / (batch * len(pos)) + _bias_u(model, answers, wrong))
+                 / (batch * len(pos)) + _bias_u(w, answers, wrong))
     total = float(_gather(logits, answers, wrong))
     values, dims, labels = _group(contrib, names, by, model.cfg.n_layers, model.cfg.n_heads)
     remainder = float(contrib.sum() - values.sum())
@@ -91,10 +92,10 @@ def _per_position(t: Tensor, batch: int, n: int, name: str) -> Tensor:
     return t
 
 
-def _decomposed_residual(model: TransformerBridge, tokens: Tensor, pos: Tensor):
+def _decomposed_residual(model: TransformerBridge, w: _OutputWeights, tokens: Tensor, pos: Tensor):
     """The final residual stream at `pos` split into direct components [component, batch, n, d_model], their
     names, the logits at `pos`, and ln_final's cached scale [batch, n, 1]."""
-    L, w = model.cfg.n_layers, _weights(model)
+    L = model.cfg.n_layers
     names = {"hook_embed", "hook_pos_embed", "ln_final.hook_in", "ln_final.hook_scale"}
     names |= {f"blocks.{i}.attn.hook_z" for i in range(L)} | {f"blocks.{i}.hook_mlp_out" for i in range(L)}
     with torch.no_grad():
@@ -137,15 +138,15 @@ class _OutputWeights:
     b_U: Float[Tensor, " vocab"]
 
 
-def _unembed_direction(model: TransformerBridge, answers: Tensor, wrong: Tensor | None
+def _unembed_direction(w: _OutputWeights, answers: Tensor, wrong: Tensor | None
                        ) -> Float[Tensor, "batch n d_model"]:
-    W_U = _weights(model).W_U
+    W_U = w.W_U
     d = W_U.T[answers.to(W_U.device)]
     return d if wrong is None else d - W_U.T[wrong.to(W_U.device)]
 
 
-def _bias_u(model: TransformerBridge, answers: Tensor, wrong: Tensor | None) -> Tensor:
-    b = _weights(model).b_U
+def _bias_u(w: _OutputWeights, answers: Tensor, wrong: Tensor | None) -> Tensor:
+    b = w.b_U
     out = b[answers.to(b.device)]
     return (out if wrong is None else out - b[wrong.to(b.device)]).mean()
 

@@ -90,12 +90,16 @@ def per_head(x: Float[Tensor, "*outer head *inner rows d_in"], W: Float[Tensor, 
 def embed(w: Weights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "n_embed batch pos d_model"]:
     """The embedding sources: the token embedding `W_E[tokens]` (times the model's embedding scale) and, with
     learned positions, `W_pos[positions]` (broadcast over the batch). Example: `embed(w, tokens).sum(0)`"""
-    tok = w.W_E[tokens.to(w.device)]
-    if w.embed_scale != 1.0:
-        tok = tok * torch.tensor(w.embed_scale, dtype=tok.dtype)
+    tok = scaled_embedding(w, w.W_E[tokens.to(w.device)])
     if w.W_pos is None:
         return tok[None]
     return torch.stack([tok, w.W_pos[: tokens.shape[1]].expand_as(tok)])
+
+
+def scaled_embedding(w: Weights, tok: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
+    """Token embeddings (rows of W_E) as the model adds them to the residual stream: times its embedding scale
+    (Gemma's √d_model), in their own dtype. Example: `scaled_embedding(w, w.W_E)`"""
+    return tok if w.embed_scale == 1.0 else tok * torch.tensor(w.embed_scale, dtype=tok.dtype)
 
 
 def affine(x: Float[Tensor, "*lead d_in"], W: Float[Tensor, "d_in d_out"], b: Float[Tensor, " d_out"]

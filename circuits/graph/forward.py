@@ -23,7 +23,7 @@ from circuits.engine import Weights, attention_bias, embed, expand_kv, mlp, rota
 from circuits.engine.primitives import per_head
 from circuits.engine.run import forward
 
-__all__ = ["SharedRun", "Weights", "attend", "attend_projected", "attend_values", "embed", "kv_heads", "mlp", "project",
+__all__ = ["SharedRun", "Weights", "attend", "attend_values", "embed", "kv_heads", "mlp", "project",
            "shared_forward", "unembed"]
 
 
@@ -52,8 +52,8 @@ def attend(
     q = project(w, layer, heads, x_q, 0, q_pos)
     k = expand_kv(w, project(w, layer, kv, x_k, 1, all_pos), axis=-4)
     v = expand_kv(w, project(w, layer, kv, x_v, 2, all_pos), axis=-4)
-    return attend_projected(w, layer, heads, q, k, v, attention_bias(q_pos.to(q.device), k.shape[-2], q.dtype,
-                                                                     w.causal))
+    z = attend_values(w, q, k, v, attention_bias(q_pos.to(q.device), k.shape[-2], q.dtype, w.causal))
+    return per_head(z, w.W_O[layer], z.dim() - 4)
 
 
 def project(w: Weights, layer: int, heads: Int[Tensor, " h"], x: Float[Tensor, "*k h batch pos d_model"],
@@ -66,21 +66,6 @@ def project(w: Weights, layer: int, heads: Int[Tensor, " h"], x: Float[Tensor, "
     return y if which == 2 else rotate(w.rotary, y, pos)
 
 
-def attend_projected(
-    w: Weights,
-    layer: int,
-    heads: Int[Tensor, " h"] | slice,
-    q: Float[Tensor, "*kq h batch nq d_head"],
-    k: Float[Tensor, "*kk h batch pos d_head"],
-    v: Float[Tensor, "*kv h batch pos d_head"],
-    bias: Float[Tensor, "nq pos"],
-) -> Float[Tensor, "*k h batch nq d_model"]:
-    """`attend` from the heads' (rotated) queries, the keys and values each head reads (one per query head)
-    and the queries' `attention_bias`."""
-    z = attend_values(w, q, k, v, bias)
-    return per_head(z, w.W_O[layer, heads], z.dim() - 4)
-
-
 def attend_values(
     w: Weights,
     q: Float[Tensor, "*kq h batch nq d_head"],
@@ -88,7 +73,8 @@ def attend_values(
     v: Float[Tensor, "*kv h batch pos d_head"],
     bias: Float[Tensor, "nq pos"],
 ) -> Float[Tensor, "*k h batch nq d_head"]:
-    """Each head's z (its pattern times its values, before W_O), from the same inputs as `attend_projected`."""
+    """Each head's z (its pattern times its values, before W_O) from its (rotated) queries, the keys and values
+    it reads (one per query head) and the queries' `attention_bias`."""
     scores = q @ k.transpose(-1, -2) / w.attn_scale
     # adding -inf where a key is hidden equals the model's masked_fill(-inf), softmax, masked_fill(0): every
     # query sees key 0, so no row is fully masked

@@ -325,7 +325,7 @@ class _Propagation:
         self.new_projected: dict[int, Tensor] = {}  # head input -> its new query, key or value [k, batch, P, e]
         self._changes: dict[tuple[int, bool], Tensor] = {}  # (source, at metric positions) -> new − current output
         self._totals: dict[bool, tuple[Tensor, int]] = {}  # at metric positions -> (Σ changes, how many)
-        self.z: dict[int, tuple[int, int, Tensor, bool]] = {}  # head source -> (layer, head, new z, restricted)
+        self.z: dict[int, Tensor] = {}  # head source -> its new z (before W_O), where `outputs` has its output
         if state.stale and not state.at_metric(patcher, d):
             stale = sorted(s for s in state.stale if bool(columns[:, s].any()))
             if stale:
@@ -376,8 +376,9 @@ class _Propagation:
             base = base - self.current_output(s, True)
         acc = base @ G
         for s in fed:
-            layer, h, z, restricted = self.z[s]
-            acc = acc + (z if restricted else z[..., p.positions, :]) @ p.head_unembedding(layer, h)
+            z, node = self.z[s], p.graph.sources[s]
+            z = z if self.outputs[s][1] else z[..., p.positions, :]  # at the metric positions
+            acc = acc + z @ p.head_unembedding(node.layer, node.head)
         return acc / norm.scale(x) + constant
 
     def attention(self, i: int) -> None:
@@ -403,7 +404,7 @@ class _Propagation:
         out = per_head(z, p.weights.W_O[stage.layer, p.head_index(heads)], z.dim() - 4)
         for j, h in enumerate(heads):
             self.outputs[stage.out.start + h] = (out[:, j], restricted)
-            self.z[stage.out.start + h] = (stage.layer, h, z[:, j], restricted)
+            self.z[stage.out.start + h] = z[:, j]
 
     def projection(self, layer: int, h: int, which: int, dst: int, x: Tensor | None) -> Tensor:
         """Head h's query, key or value (`which` 0, 1, 2; h a key/value head for 1 and 2) from its new input x

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -35,11 +36,11 @@ from circuits.graph.nodes import ComputeGraph, NodeKind
 from circuits.tasks.task import Task
 
 MAX_CHUNK_FLOATS = 2**26
+"""Masks per batched forward are chunked so that the stacked source outputs stay under ~256 MiB (float32)."""
 QKV_COLUMNS_BYTES = 2**28
 """The most memory `EdgePatcher.qkv_columns` keeps (least recently used sets dropped first): a dense walk meets
 a new set of alike head inputs each time a commit splits a group, each up to a layer's whole q/k/v weights. The
 heads' unembeddings (`EdgePatcher.head_unembedding`) are kept within the same budget."""
-"""Masks per batched forward are chunked so that the stacked source outputs stay under ~256 MiB (float32)."""
 
 
 class Ablation(str, Enum):
@@ -108,9 +109,10 @@ class EdgePatcher:
         self._at_metric = self.metric_only_destinations.tolist()
         self._stage_of = [i for i, stage in enumerate(self.stages) for _ in range(stage.dst.stop - stage.dst.start)]
         self._head_index: dict[tuple[int, ...], Tensor | slice] = {}
-        self._qkv_columns: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
-        self._qkv_columns_bytes = 0
-        self._unembedding: dict = {}  # the folded unembedding and heads' products, for `_unembedding_columns`
+        self._qkv_columns = _RecentlyUsed(QKV_COLUMNS_BYTES)
+        # the unembedding of `logit_columns` as last read (`_unembedding_of_columns`): the columns, folded, per head
+        self._unembedding: tuple[Tensor | None, tuple[Tensor, Tensor] | None, _RecentlyUsed] = (
+            None, None, _RecentlyUsed(QKV_COLUMNS_BYTES))
         self.logit_columns: Int[Tensor, " c"] | None = None
         """Where set, the incremental evaluations (`circuits.graph.incremental`) compute only these vocabulary
         columns of the logits (a metric that reads few, `GraphMetric.columns`); `run` always computes all."""
@@ -166,55 +168,42 @@ class EdgePatcher:
         (`which` 0, 1, 2: query, key, value; h a key/value head for keys and values), made once per set
         and kept while it is among the recently used (`QKV_COLUMNS_BYTES`).
         Example: `W, b = p.qkv_columns(0, ((0, 0), (0, 1)))` (head 0's query and key)"""
-        key = (layer, heads)
-        cache = self._qkv_columns
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        w = self.weights
-        W = torch.stack([w.qkv_weights(which)[0][layer, h] for h, which in heads])
-        b = torch.stack([w.qkv_weights(which)[1][layer, h] for h, which in heads])
-        cache[key] = entry = (einops.rearrange(W, "n d e -> d (n e)").contiguous(), b)
-        self._qkv_columns_bytes += _nbytes(entry)
-        while self._qkv_columns_bytes > QKV_COLUMNS_BYTES and len(cache) > 1:
-            self._qkv_columns_bytes -= _nbytes(cache.popitem(last=False)[1])
-        return entry
+        def make() -> tuple[Tensor, Tensor]:
+            w = self.weights
+            W = torch.stack([w.qkv_weights(which)[0][layer, h] for h, which in heads])
+            b = torch.stack([w.qkv_weights(which)[1][layer, h] for h, which in heads])
+            return einops.rearrange(W, "n d e -> d (n e)").contiguous(), b
+
+        return self._qkv_columns.get((layer, heads), make)
 
     def folded_unembedding(self) -> tuple[Float[Tensor, "d_model c"], Float[Tensor, " c"]]:
         """The unembedding of the columns the evaluations read with the final norm's weight folded in (centred
         over d_model for a LayerNorm), and the constant the norm's bias and b_U add: logits = (x · G) / scale(x) +
         constant, with scale the final norm's (`Norm.scale`). Example: `G, c = p.folded_unembedding()`"""
-        cache = self._unembedding_columns()
-        if "folded" not in cache:
+        columns, folded, heads = self._unembedding_of_columns()
+        if folded is None:
             w = self.weights
-            norm, columns = w.ln_final, self.logit_columns
+            norm = w.ln_final
             W_U = w.W_U if columns is None else w.W_U[:, columns]
             b_U = w.b_U if columns is None else w.b_U[columns]
             G = W_U if norm.weight is None else norm.weight[:, None] * W_U
             if norm.centred:
                 G = G - G.mean(0, keepdim=True)
-            constant = b_U if norm.bias is None else b_U + norm.bias @ W_U
-            cache["folded"] = (G.contiguous(), constant)
-        return cache["folded"]
+            folded = (G.contiguous(), b_U if norm.bias is None else b_U + norm.bias @ W_U)
+            self._unembedding = (columns, folded, heads)
+        return folded
 
     def head_unembedding(self, layer: int, head: int) -> Float[Tensor, "d_head c"]:
         """W_O of one head times the folded unembedding (`folded_unembedding`): a head's z read as logits before
-        the final norm's division, made once per head. Example: `M = p.head_unembedding(1, 3)`"""
-        heads = self._unembedding_columns()["heads"]
-        key = (layer, head)
-        if key in heads:
-            heads.move_to_end(key)
-            return heads[key]
-        heads[key] = M = self.weights.W_O[layer, head] @ self.folded_unembedding()[0]
-        if len(heads) * M.numel() * M.element_size() > QKV_COLUMNS_BYTES:
-            heads.popitem(last=False)
-        return M
+        the final norm's division, made once per head while among the recently used (`QKV_COLUMNS_BYTES`).
+        Example: `M = p.head_unembedding(1, 3)`"""
+        heads = self._unembedding_of_columns()[2]
+        return heads.get((layer, head), lambda: self.weights.W_O[layer, head] @ self.folded_unembedding()[0])
 
-    def _unembedding_columns(self) -> dict:
-        """The unembedding caches (the heads' products least recently used first, within `QKV_COLUMNS_BYTES`),
-        emptied when the columns the evaluations read change."""
-        if "columns" not in self._unembedding or self._unembedding["columns"] is not self.logit_columns:
-            self._unembedding = {"columns": self.logit_columns, "heads": OrderedDict()}
+    def _unembedding_of_columns(self) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None, _RecentlyUsed]:
+        """The unembedding caches, emptied when the columns the evaluations read change."""
+        if self._unembedding[0] is not self.logit_columns:
+            self._unembedding = (self.logit_columns, None, _RecentlyUsed(QKV_COLUMNS_BYTES))
         return self._unembedding
 
     def attention_bias(self, at_metric_positions: bool) -> Float[Tensor, "nq pos"]:
@@ -408,5 +397,24 @@ def patch_edges(
     return EdgePatcher(model, task, ablation).run(masks)
 
 
-def _nbytes(tensors: tuple[Tensor, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+class _RecentlyUsed:
+    """Values made on demand and kept while their total size stays within `budget` bytes, the least recently
+    used dropped first (the newest is kept even alone above it)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.nbytes = budget, 0
+        self.values: OrderedDict[tuple, Tensor | tuple[Tensor, ...]] = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], Tensor | tuple[Tensor, ...]]) -> Tensor | tuple[Tensor, ...]:
+        if key in self.values:
+            self.values.move_to_end(key)
+            return self.values[key]
+        self.values[key] = value = make()
+        self.nbytes += _nbytes(value)
+        while self.nbytes > self.budget and len(self.values) > 1:
+            self.nbytes -= _nbytes(self.values.popitem(last=False)[1])
+        return value
+
+
+def _nbytes(value: Tensor | tuple[Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))

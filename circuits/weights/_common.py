@@ -14,7 +14,7 @@ from torch import Tensor
 from transformer_lens import TransformerBridge
 
 from circuits.engine import Weights
-from circuits.engine.primitives import expand_kv
+from circuits.engine.primitives import expand_kv, scaled_embedding
 
 _CENTRED_NORMS = ("LN", "LNPRE")
 _PER_KV_HEAD = ("W_K", "W_V", "b_K", "b_V")
@@ -75,9 +75,7 @@ def token_embedding(model: TransformerBridge) -> Float[Tensor, "d_vocab d_model"
     """W_E as the model adds it to the residual stream: times its embedding scale (Gemma's √d_model, the
     scale `circuits.engine.embed` applies)."""
     w = Weights.of(model)
-    if w.embed_scale == 1.0:
-        return w.W_E
-    return w.W_E * torch.tensor(w.embed_scale, dtype=w.W_E.dtype)
+    return scaled_embedding(w, w.W_E)
 
 
 def learned_positions(model: TransformerBridge, what: str) -> Float[Tensor, "n_ctx d_model"]:

@@ -44,7 +44,7 @@ def attention_scale(model: TransformerBridge) -> float:
 
 
 def _embedding(model: TransformerBridge, side: str) -> Float[Tensor, "n d_model"]:
-    return token_embedding(model) if side == "token" else learned_positions(model, "full_qk_circuit")
+    return token_embedding(model) if side == "token" else Weights.of(model).W_pos  # refused under rotary above
 
 
 def _head_reader(model: TransformerBridge, name: str, layer: int, head: int, fold_layernorm: bool) -> Tensor:

@@ -131,14 +131,16 @@ def acdc(
     _check_baselines(patcher, gm)
     # a metric that reads few vocabulary columns (the logit difference) has only those computed by the walk
     patcher.logit_columns = None if gm.columns is None else gm.columns.to(patcher.device)
-    walk = _Walk(patcher, gm.restricted(), float(threshold), order, chunk_size)
-    destinations = walk.destination_order()
     description = saved = None
     if checkpoint is not None:
         description = run_description(model, task, metric=gm.name, ablation=patcher.ablation.value,
                                       threshold=float(threshold), order=order,
                                       graph=[patcher.graph.n_sources, patcher.graph.n_destinations])
         saved = read_checkpoint(checkpoint, description)
+    # a resumed walk starts from the checkpoint's circuit, never also holding the full circuit's run
+    state = None if saved is None else circuit_state(patcher, _saved_mask(saved, patcher.graph).to(patcher.device))
+    walk = _Walk(patcher, gm.restricted(), float(threshold), order, chunk_size, state)
+    destinations = walk.destination_order()
     # the walk runs in inference mode (less bookkeeping per operation on these small tensors); what it
     # returns is copied out of it, so the result holds ordinary tensors. Its chunks of candidates are large
     # blocks allocated and freed over and over: `heap_reuse` keeps their memory instead of faulting it anew.
@@ -169,6 +171,14 @@ def acdc(
                   n_edges=int(members.sum()), n_edges_total=g.n_edges),
         circuit=circuit, n_forwards=walk.n_forwards,
     )
+
+
+def _saved_mask(saved: dict, graph: ComputeGraph) -> Bool[Tensor, "n_src n_dst"]:
+    """The circuit a checkpoint records, checked against this graph's shape."""
+    mask = decode_mask(saved["mask"])
+    if mask.shape != graph.valid.shape:
+        raise ValueError(f"checkpoint: its mask is {tuple(mask.shape)}, this graph's {tuple(graph.valid.shape)}")
+    return mask
 
 
 def _check_baselines(patcher: EdgePatcher, metric: GraphMetric) -> None:
@@ -234,18 +244,16 @@ class _Walk:
                              for (layer, kind), d in self.decided.items()])
 
     def restore(self, saved: dict) -> int:
-        """Continue from a checkpoint's state; returns how many destinations it had done. The circuit's run is
-        recomputed from its mask (one patched forward), its loss with it."""
-        mask = decode_mask(saved["mask"]).to(self.patcher.device)
+        """Continue from a checkpoint's counts, scores and guesses (the walk was made with its circuit's state,
+        `circuit_state` of its mask: one patched forward, counted here); returns how many destinations it had
+        done."""
         scores = decode_values(saved["scores"])
-        if mask.shape != self.graph.valid.shape or scores.shape != self.graph.valid.shape:
-            raise ValueError(f"checkpoint: its mask is {tuple(mask.shape)}, this graph's "
+        if scores.shape != self.graph.valid.shape:
+            raise ValueError(f"checkpoint: its scores are {tuple(scores.shape)}, this graph's "
                              f"{tuple(self.graph.valid.shape)}")
         self.scores = scores
         self.n_forwards, self.n_batches = int(saved["n_forwards"]), int(saved["n_batches"])
-        if not torch.equal(mask, self.state.mask):
-            self.state = circuit_state(self.patcher, mask)
-            self.loss = float(self.metric.loss(self.state.logits[None])[0])
+        if not torch.equal(self.state.mask, self.graph.valid.to(self.state.mask.device)):
             self.n_forwards, self.n_batches = self.n_forwards + 1, self.n_batches + 1
         self.decided = {(layer, kind): {int(s): bool(r) for s, r in d} for layer, kind, d in saved["decided"]}
         return int(saved["done"])

@@ -205,7 +205,7 @@ def _kl_terms_blocked(logits_at: Float[Tensor, "..."], clean_at: Float[Tensor, "
             dk.sub_(dk.gather(-1, mode[r0:r1].expand(k1 - k0, -1, -1)))
             dk.sub_(torch.mul(pk, dk, out=tk).sum(-1, keepdim=True))
             r = torch.mul(pk, dk, out=tk).sum(-1)
-            _exp_excess_into(sk, torch.clamp(dk, -_SERIES, _SERIES, out=tk)).mul_(pk)
+            _exp_excess(torch.clamp(dk, -_SERIES, _SERIES, out=tk), out=sk).mul_(pk)
             far = (dk.abs() >= _SERIES).nonzero(as_tuple=True)
             large = torch.zeros(dk.shape[:2], dtype=torch.bool, device=flat.device)
             if far[0].numel():
@@ -224,20 +224,14 @@ _SERIES = 0.5  # |d| below which e^d − 1 − d is summed as its series (no can
 _LOG_LARGE = 60.0  # past log(p e^d) = 60 the KL exceeds 60 and logsumexp is exact to relative rounding
 
 
-def _exp_excess(d: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-    """e^d − 1 − d for |d| ≤ 1/2 by its Taylor series to d^8 (remainder below 6e-8 of the value)."""
-    acc = torch.full_like(d, 1 / math.factorial(8))
+def _exp_excess(d: Float[Tensor, "..."], out: Float[Tensor, "..."] | None = None) -> Float[Tensor, "..."]:
+    """e^d − 1 − d for |d| ≤ 1/2 by its Taylor series to d^8 (remainder below 6e-8 of the value); with `out`,
+    written into it by the same operations in place (no allocation, no autograd record)."""
+    mul, add = (torch.mul, torch.add) if out is None else (Tensor.mul_, Tensor.add_)
+    acc = torch.full_like(d, 1 / math.factorial(8)) if out is None else out.fill_(1 / math.factorial(8))
     for k in range(7, 1, -1):
-        acc = acc * d + 1 / math.factorial(k)
-    return acc * d * d
-
-
-def _exp_excess_into(acc: Float[Tensor, "..."], d: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
-    """`_exp_excess(d)` written into `acc` (the same operations in the same order, without allocating)."""
-    acc.fill_(1 / math.factorial(8))
-    for k in range(7, 1, -1):
-        acc.mul_(d).add_(1 / math.factorial(k))
-    return acc.mul_(d).mul_(d)
+        acc = add(mul(acc, d), 1 / math.factorial(k))
+    return mul(mul(acc, d), d)
 
 
 def _gather(x: Float[Tensor, "*lead batch n vocab"], idx: Int[Tensor, "..."]) -> Float[Tensor, "*lead batch n"]:
